@@ -1,0 +1,140 @@
+"""The command line: parse, call one function, print. Errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+from bot import __version__
+from bot.errors import SafeguardError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Restore the safety of fine-tuned chat models by merging with their base.")
+err = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object, no progress.")]
+
+
+def _emit(result: dict, as_json: bool, human: Callable[[dict], None]) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        human(result)
+
+
+@contextmanager
+def _progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A byte progress bar on stderr, or nothing when quiet or not a terminal."""
+    if quiet or not err.is_terminal:
+        yield None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@app.command()
+def merge(
+    base: Annotated[str, typer.Argument(help="Base model: a directory or org/name[@rev].")],
+    finetune: Annotated[str, typer.Argument(help="Fine-tune or LoRA adapter: directory or id.")],
+    out: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
+    method: Annotated[str, typer.Option(help="linear, slerp, task_arithmetic, ties, "
+                                             "dare_linear or dare_ties.")] = "linear",
+    weight: Annotated[float, typer.Option(help="Lambda: the fine-tune's weight in [0, 1].")] = 0.5,
+    density: Annotated[float | None, typer.Option(
+        help="Share of the task vector kept by ties / dare_* (default 0.5).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed for dare_*.")] = 0,
+    dtype: Annotated[str | None, typer.Option(
+        help="Output dtype: float32, float16 or bfloat16 (default: the fine-tune's).")] = None,
+    shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
+    device: Annotated[str, typer.Option(help="Where the maths runs: cpu or cuda.")] = "cpu",
+    as_adapter: Annotated[bool, typer.Option(
+        "--as-adapter", help="With a LoRA FINETUNE: write a rescaled adapter, not a model.")]
+    = False,
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Accept .bin/.pt weights (loaded with weights_only=True).")]
+    = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
+    = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Merge BASE and FINETUNE into OUT: lambda = --weight is the fine-tune's share."""
+    from bot.merge.engine import MergeRequest, merge_models
+
+    req = MergeRequest(base, finetune, out, method, weight, density, seed, dtype, shard_size,
+                       device, as_adapter, allow_pickle, overwrite)
+    with _progress("merging", as_json) as progress:
+        result = merge_models(req, progress=progress, quiet=as_json).to_dict()
+    _emit(result, as_json, lambda r: err.print(
+        f"merged {r['merged_tensors']}/{r['tensors']} tensors ({r['method']}, lambda "
+        f"{r['weight']}) into {r['out']}: {len(r['files'])} file(s), "
+        f"{r['bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s"))
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path | None, typer.Option(help="Where to write (default: a temp dir).")]
+    = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The embedded default, for now: build a tiny random base and fine-tune, merge them.
+
+    It shows the merge engine on real HF-layout models with no network. The full demo (local
+    hub, trained zoo, one watch cycle) replaces this as the later stages land.
+    """
+    from bot.merge.engine import MergeRequest, merge_models
+    from bot.zoo.random_models import random_pair
+
+    root = workdir or Path(tempfile.mkdtemp(prefix="safeguard-demo-"))
+    base, ft = random_pair(root / "models", base_shards="5GB", ft_shards="100KB")
+    out = root / "merged-linear-0.5"
+    req = MergeRequest(str(base), str(ft), out, weight=0.5, overwrite=True)
+    result = merge_models(req, quiet=as_json).to_dict()
+    _emit(result, as_json, lambda r: err.print(
+        f"demo: random tiny base {base} and fine-tune {ft} (sharded) merged with linear, "
+        f"lambda 0.5 -> {r['out']} ({r['merged_tensors']} tensors, {r['seconds']:.2f} s)"))
+
+
+@app.command()
+def version() -> None:
+    """Print the bot's version."""
+    print(__version__)
+
+
+def main() -> None:
+    """Entry point: run the app, turning the bot's errors into one line and an exit code."""
+    as_json = "--json" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except SafeguardError as e:
+        if as_json:
+            print(json.dumps({"error": str(e), "kind": type(e).__name__,
+                              "exit_code": e.exit_code}))
+        err.print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing half-written was left behind")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

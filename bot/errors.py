@@ -1,0 +1,57 @@
+"""The bot's error hierarchy: each error carries a message a user can act on and an exit code.
+
+Skips (a candidate the bot decides not to process) are data, not exceptions; these are for
+inputs the bot cannot work with and for failures it cannot recover from.
+"""
+
+
+class SafeguardError(Exception):
+    """Base of every error the bot raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(SafeguardError):
+    """A bad argument or option value."""
+
+    exit_code = 2
+
+
+class InputNotFoundError(SafeguardError):
+    """A model directory, file or Hub repository that does not exist."""
+
+    exit_code = 3
+
+
+class CheckpointError(SafeguardError):
+    """A checkpoint that cannot be read: corrupt, truncated, a broken index, unknown dtype."""
+
+    exit_code = 4
+
+
+class PickleRefusedError(CheckpointError):
+    """Only pickle weights (.bin/.pt) were found, and pickle was not allowed."""
+
+
+class IncompatibleModelsError(SafeguardError):
+    """Base and fine-tune cannot be merged: architecture, tensor names or shapes differ."""
+
+    exit_code = 5
+
+
+class MergeError(SafeguardError):
+    """The merge itself failed, e.g. it produced NaN or Inf."""
+
+    exit_code = 6
+
+
+class HubError(SafeguardError):
+    """The Hub refused or failed a request (auth, missing repo or revision, network)."""
+
+    exit_code = 7
+
+
+class OutputExistsError(SafeguardError):
+    """The output path exists and overwriting was not asked for."""
+
+    exit_code = 8

@@ -1,0 +1,385 @@
+"""Plan and run a merge of a base and a fine-tune, tensor by tensor, into a new HF model folder.
+
+Planning checks that the two can be merged (architecture, tensor names, shapes, a grown
+vocabulary, tied embeddings, adapters) and refuses with an error naming the tensor when they
+cannot. Running streams every tensor from disk through the method and into the output shards,
+inside a staging folder that becomes OUT only when everything is written: a crash or Ctrl-C
+leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bot import hub
+from bot.errors import (
+    CheckpointError,
+    IncompatibleModelsError,
+    MergeError,
+    OutputExistsError,
+    UsageError,
+)
+from bot.merge.checkpoint import (
+    SAFETENSORS_INDEX,
+    Checkpoint,
+    ShardedWriter,
+    TensorSpec,
+    fsync_dir,
+    parse_size,
+    read_tensor,
+)
+from bot.merge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterCheckpoint, is_adapter
+from bot.merge.methods import METHODS, MergeParams
+
+DEFAULT_SHARD_SIZE = "5GB"
+DEFAULT_DENSITY = 0.5  # for ties / dare_*: keep half of the task vector
+CHUNK_ELEMENTS = 1 << 24  # elementwise methods work on at most this many elements at a time
+# Files copied from the fine-tune beside the weights: config, tokenizer, chat template.
+AUX_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+NOT_COPIED = {SAFETENSORS_INDEX, "pytorch_model.bin.index.json", ADAPTER_CONFIG}
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+LM_HEAD = "lm_head.weight"
+DTYPE_CHOICES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """What to merge, how, and where to write it (the `merge` command's arguments)."""
+
+    base: str
+    finetune: str
+    out: Path
+    method: str = "linear"
+    weight: float = 0.5
+    density: float | None = None
+    seed: int = 0
+    dtype: str | None = None
+    shard_size: str = DEFAULT_SHARD_SIZE
+    device: str = "cpu"
+    as_adapter: bool = False
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What was written, for the command's JSON output and for later stages."""
+
+    out: str
+    method: str
+    weight: float
+    density: float | None
+    seed: int | None
+    adapter: bool
+    as_adapter: bool
+    tensors: int
+    merged_tensors: int
+    vocab_grown: list[str]
+    files: list[str]
+    bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: merged from (base_name, name), or copied from the fine-tune."""
+
+    name: str
+    base_name: str | None
+    spec: TensorSpec
+    shared_rows: int | None = None  # a grown vocabulary: only these first rows are merged
+
+
+def validate(req: MergeRequest) -> tuple[float | None, torch.dtype | None, int]:
+    """Check the request's values before any work; returns density, dtype, shard bytes."""
+    method = METHODS.get(req.method)
+    if method is None:
+        raise UsageError(f"unknown method {req.method!r}; choose from {', '.join(METHODS)}")
+    if not 0.0 <= req.weight <= 1.0:
+        raise UsageError(f"--weight must be in [0, 1] (lambda, the fine-tune's weight), "
+                         f"got {req.weight}")
+    density = req.density
+    if density is not None and not method.uses_density:
+        raise UsageError(f"--density applies to ties, dare_linear and dare_ties, not {req.method}")
+    if method.uses_density:
+        density = DEFAULT_DENSITY if density is None else density
+        if not 0.0 < density <= 1.0:
+            raise UsageError(f"--density must be in (0, 1], got {density}")
+    if req.dtype is not None and req.dtype not in DTYPE_CHOICES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {req.dtype}")
+    try:
+        shard_bytes = parse_size(req.shard_size)
+    except ValueError as e:
+        raise UsageError(f"--shard-size: {e}") from None
+    if shard_bytes <= 0:
+        raise UsageError("--shard-size must be positive")
+    if req.device != "cpu" and not torch.device(req.device).type == "cuda":
+        raise UsageError(f"--device must be cpu or cuda, got {req.device}")
+    if req.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA device is available")
+    if req.as_adapter and req.method not in ("linear", "task_arithmetic"):
+        raise UsageError("--as-adapter works with linear (or task_arithmetic) only: other "
+                         "methods do not keep the low-rank form")
+    if req.out.exists() and not req.overwrite:
+        raise OutputExistsError(f"{req.out} exists; choose another OUT or pass --overwrite")
+    return density, DTYPE_CHOICES.get(req.dtype) if req.dtype else None, shard_bytes
+
+
+def resolve_model(ref: str, allow_pickle: bool = False, quiet: bool = False) -> Path:
+    """A local model directory as is, or a Hub repo id[@revision] downloaded."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UsageError(f"{ref} is a file; give the model's directory")
+    return hub.download_model(ref, allow_pickle=allow_pickle, quiet=quiet)
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def check_configs(base_cfg: dict, ft_cfg: dict) -> None:
+    """Refuse models of different architectures."""
+    for key in ("model_type", "architectures"):
+        if key in base_cfg and key in ft_cfg and base_cfg[key] != ft_cfg[key]:
+            raise IncompatibleModelsError(
+                f"architecture differs: base {key} {base_cfg[key]}, fine-tune {ft_cfg[key]}")
+
+
+def _vocab_ids(directory: Path) -> dict[int, str]:
+    """id -> token from a tokenizer.json (model vocab and added tokens); empty if none."""
+    path = directory / "tokenizer.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    ids = ({i: tok for tok, i in vocab.items()} if isinstance(vocab, dict)
+           else {i: entry[0] for i, entry in enumerate(vocab)})
+    ids.update({t["id"]: t["content"] for t in data.get("added_tokens", [])})
+    return ids
+
+
+def check_vocab_prefix(base_dir: Path, ft_dir: Path, shared: int) -> None:
+    """A grown vocabulary must keep the base's first `shared` tokens at the same ids."""
+    base_ids, ft_ids = _vocab_ids(base_dir), _vocab_ids(ft_dir)
+    for i in range(min(shared, len(base_ids))):
+        if i in base_ids and i in ft_ids and base_ids[i] != ft_ids[i]:
+            raise IncompatibleModelsError(
+                f"the tokenizers disagree at token id {i} (base {base_ids[i]!r}, fine-tune "
+                f"{ft_ids[i]!r}): the fine-tune's vocabulary is not the base's plus new tokens")
+
+
+def plan_merge(base: Checkpoint, ft: Checkpoint | AdapterCheckpoint, base_cfg: dict,
+               ft_cfg: dict, dtype: torch.dtype | None) -> list[TensorJob]:
+    """Pair every fine-tune tensor with its base tensor, or refuse naming the first misfit."""
+    check_configs(base_cfg, ft_cfg)
+    base_names = set(base.tensors)
+    embedding = next((n for n in base.tensors if n.endswith(EMBEDDING_SUFFIXES)), None)
+    jobs = []
+    for name, info in ft.tensors.items():
+        base_name = name
+        if name not in base_names and name == LM_HEAD and embedding:
+            base_name = embedding  # the base ties its output layer to its embeddings
+        if base_name not in base_names:
+            raise IncompatibleModelsError(
+                f"tensor {name} is in the fine-tune but not in the base")
+        out_dtype = dtype if (dtype and info.is_float) else info.dtype
+        spec = TensorSpec(name, out_dtype, info.shape)
+        base_info = base.tensors[base_name]
+        if not info.is_float:
+            jobs.append(TensorJob(name, None, spec))
+            continue
+        if base_info.shape == info.shape:
+            jobs.append(TensorJob(name, base_name, spec))
+        elif (len(info.shape) == len(base_info.shape) and info.shape[1:] == base_info.shape[1:]
+              and info.shape[0] > base_info.shape[0]
+              and ft_cfg.get("vocab_size", 0) > base_cfg.get("vocab_size", 0)):
+            jobs.append(TensorJob(name, base_name, spec, shared_rows=base_info.shape[0]))
+        else:
+            raise IncompatibleModelsError(
+                f"tensor {name} has shape {list(base_info.shape)} in the base and "
+                f"{list(info.shape)} in the fine-tune")
+    used = {job.base_name for job in jobs} | set(ft.tensors)
+    missing = sorted(base_names - used)
+    if missing:
+        raise IncompatibleModelsError(
+            f"tensor {missing[0]} is in the base but not in the fine-tune"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return jobs
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A hidden folder beside OUT that becomes OUT only if the block completes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise OutputExistsError(f"{out} appeared while merging; nothing was replaced")
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_aux_files(sources: list[Path], out: Path, dtype: torch.dtype | None) -> None:
+    """Copy config, tokenizer and chat-template files; the first source that has one wins."""
+    for source in reversed(sources):  # later sources are fallbacks: copy them first
+        for pattern in AUX_PATTERNS:
+            for file in source.glob(pattern):
+                if file.name not in NOT_COPIED and not file.name.startswith("adapter_"):
+                    shutil.copyfile(file, out / file.name)
+    config = out / "config.json"
+    if dtype is not None and config.exists():
+        data = json.loads(config.read_text())
+        name = str(dtype).removeprefix("torch.")
+        keys = [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]
+        data.update({k: name for k in keys})
+        config.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _generator(seed: int, name: str, device: str) -> torch.Generator:
+    """A generator per tensor, so a tensor's random mask does not depend on tensor order."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return g
+
+
+def _row_chunks(rows: int, row_elems: int, elementwise: bool) -> list[tuple[int, int] | None]:
+    if not elementwise or rows == 0:
+        return [None]
+    step = max(1, CHUNK_ELEMENTS // max(1, row_elems))
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _merge_tensor(job: TensorJob, base: Checkpoint, ft, req: MergeRequest, params: MergeParams,
+                  write: Callable[[torch.Tensor], None]) -> bool:
+    """Merge (or copy) one tensor chunk by chunk; returns whether it was merged."""
+    method = METHODS[req.method]
+    unchanged = isinstance(ft, AdapterCheckpoint) and not ft.changed(job.name)
+    if job.base_name is None or unchanged:
+        write(ft.read(job.name).to(job.spec.dtype))
+        return False
+    shape = job.spec.shape
+    row_elems = int(torch.Size(shape[1:]).numel()) if shape else 1
+    shared = job.shared_rows if job.shared_rows is not None else (shape[0] if shape else 0)
+    if method.seeded:
+        params = MergeParams(params.weight, params.density,
+                             _generator(req.seed, job.name, req.device))
+    for rows in _row_chunks(shared, row_elems, method.elementwise):
+        if rows is None and job.shared_rows is not None:
+            rows = (0, shared)
+        b = base.read(job.base_name, rows).to(req.device).float()
+        f = ft.read(job.name, rows).to(req.device).float()
+        merged = method.fn(b, f, params)
+        if not torch.isfinite(merged).all():
+            where = ("the base" if not torch.isfinite(b).all() else
+                     "the fine-tune" if not torch.isfinite(f).all() else "the merge")
+            raise MergeError(f"NaN or Inf in tensor {job.name} (it comes from {where}); "
+                             "nothing was written")
+        write(merged.to(job.spec.dtype))
+    if job.shared_rows is not None:
+        write(ft.read(job.name, (shared, shape[0])).to(job.spec.dtype))
+    return True
+
+
+def _write_adapter(ft: AdapterCheckpoint, base: Checkpoint, weight: float, out: Path) -> int:
+    """The linear merge as an adapter: lora_B scaled by the weight, full tensors interpolated.
+
+    base + weight * (scaling * B @ A) is the adapter with B scaled; tensors the adapter replaces
+    outright (modules_to_save, biases) become (1 - weight) * base + weight * adapter's.
+    """
+    data = {}
+    for mod in ft.modules.values():
+        data[mod.a.name] = read_tensor(mod.a)
+        data[mod.b.name] = (read_tensor(mod.b).float() * weight).to(mod.b.dtype)
+    for name, info in ft.replaced.items():
+        merged = torch.lerp(base.read(name).float(), read_tensor(info).float(), weight)
+        data[info.name] = merged.to(info.dtype)
+    save_file(data, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    shutil.copyfile(ft.directory / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
+    return sum(t.numel() * t.element_size() for t in data.values())
+
+
+def merge_models(req: MergeRequest, progress: Progress | None = None,
+                 quiet: bool = False) -> MergeResult:
+    """Merge BASE and FINETUNE into OUT as the request says; see the module docstring."""
+    started = time.perf_counter()
+    density, dtype, shard_bytes = validate(req)
+    base_dir = resolve_model(req.base, req.allow_pickle, quiet)
+    ft_dir = resolve_model(req.finetune, req.allow_pickle, quiet)
+    base = Checkpoint(base_dir, allow_pickle=req.allow_pickle)
+    adapter = is_adapter(ft_dir)
+    if req.as_adapter and not adapter:
+        raise UsageError("--as-adapter needs a LoRA adapter as FINETUNE")
+    ft = AdapterCheckpoint(base, ft_dir) if adapter else Checkpoint(ft_dir, req.allow_pickle)
+    base_cfg = read_config(base_dir)
+    ft_cfg = read_config(ft_dir) or base_cfg
+    if not base_cfg and not adapter:
+        raise CheckpointError(f"{base_dir}: no config.json")
+    jobs = plan_merge(base, ft, base_cfg, ft_cfg, dtype)
+    grown = [job.name for job in jobs if job.shared_rows is not None]
+    if grown:
+        check_vocab_prefix(base_dir, ft_dir, min(j.shared_rows for j in jobs if j.shared_rows))
+    params = MergeParams(req.weight, density if density is not None else 1.0)
+    total = sum(job.spec.nbytes for job in jobs)
+    done = merged = 0
+    with staged_output(req.out, req.overwrite) as tmp:
+        if req.as_adapter:
+            total = _write_adapter(ft, base, req.weight, tmp)
+            copy_aux_files([ft_dir], tmp, None)
+            files = [ADAPTER_WEIGHTS]
+        else:
+            writer = ShardedWriter(tmp, [job.spec for job in jobs], shard_bytes)
+            try:
+                for job in jobs:
+                    def write(t: torch.Tensor, name: str = job.name) -> None:
+                        nonlocal done
+                        writer.append(name, t)
+                        done += t.numel() * t.element_size()
+                        if progress:
+                            progress(done, total)
+                    merged += _merge_tensor(job, base, ft, req, params, write)
+                files = writer.close()
+            finally:
+                writer.abort()
+            copy_aux_files([ft_dir, base_dir] if adapter else [ft_dir], tmp, dtype)
+    return MergeResult(
+        out=str(req.out), method=req.method, weight=req.weight, density=density,
+        seed=req.seed if METHODS[req.method].seeded else None, adapter=adapter,
+        as_adapter=req.as_adapter, tensors=len(jobs), merged_tensors=merged,
+        vocab_grown=grown, files=files, bytes=total,
+        seconds=round(time.perf_counter() - started, 3))
+
