@@ -400,3 +400,14 @@ def test_model_refs():
     for bad in ("name", "org/name@", "../x/y", "a/b/c"):
         with pytest.raises(UsageError):
             parse_model_ref(bad)
+
+
+@pytest.mark.parametrize("weight", [0.2, 0.5, 0.6, 0.9])
+def test_linear_on_bf16_is_bit_identical_to_float32_maths(weight, bf16_pair, tmp_path):
+    """The bf16 fast path (no upcast) must equal upcast-lerp-round exactly."""
+    base, ft = bf16_pair
+    _merge(base, ft, tmp_path / "out", weight=weight)
+    b, f = load_state(base), load_state(ft)
+    for name, t in load_state(tmp_path / "out").items():
+        expected = torch.lerp(b[name].float(), f[name].float(), weight).to(torch.bfloat16)
+        assert torch.equal(t, expected), name

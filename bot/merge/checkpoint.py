@@ -8,10 +8,13 @@ behind it; no shard is ever held in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+WRITE_QUEUE_BYTES = 64 * 1024 * 1024  # bytes waiting for the disk, at most (one tensor if larger)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -125,8 +129,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read a tensor, or rows [start, stop) of its first dimension, into a fresh CPU tensor."""
+def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read a tensor, or rows [start, stop) of its first dimension.
+
+    With `out` (a uint8 scratch tensor at least that large) the bytes land there and the result
+    is a view of it, valid until the scratch is reused; otherwise a fresh tensor is returned.
+    """
     shape = info.shape
     offset, nbytes = info.offset, info.nbytes
     if rows is not None and shape:
@@ -137,12 +146,16 @@ def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.
         shape = (stop - start, *shape[1:])
     if nbytes == 0:
         return torch.empty(shape, dtype=info.dtype)
-    buf = bytearray(nbytes)
-    with open(info.file, "rb") as f:
-        f.seek(offset)
-        if f.readinto(buf) != nbytes:
-            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+    buf = out[:nbytes] if out is not None and out.numel() >= nbytes else \
+        torch.empty(nbytes, dtype=torch.uint8)
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        got = os.preadv(fd, [buf.numpy()], offset)
+    finally:
+        os.close(fd)
+    if got != nbytes:
+        raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+    return buf.view(info.dtype).reshape(shape)
 
 
 class Checkpoint:
@@ -218,11 +231,12 @@ class Checkpoint:
                 tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), file, -1)
         return tensors
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read one tensor (or a row range) as a CPU tensor in its stored dtype."""
+    def read(self, name: str, rows: tuple[int, int] | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor (or a row range) as a CPU tensor in its stored dtype; see read_tensor."""
         info = self.tensors[name]
         if info.offset >= 0:
-            return read_tensor(info, rows)
+            return read_tensor(info, rows, out)
         t = self._pickled[info.file][name]
         return (t if rows is None else t[rows[0]:rows[1]]).clone()
 
@@ -252,12 +266,75 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+class _FileWriter:
+    """Writes byte buffers to files in order on one background thread.
+
+    Disk writes then overlap the merge maths (both release the GIL). At most `budget` bytes wait
+    in the queue, so memory stays bounded; an I/O error surfaces at the next call.
+    """
+
+    def __init__(self, budget: int = WRITE_QUEUE_BYTES):
+        self._budget, self._queued = budget, 0
+        self._jobs: deque[tuple[Path | None, memoryview | bytes | None]] = deque()
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._file = None
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: Path | None, data: memoryview | bytes | None) -> None:
+        """Open `path` (if given), then write `data` (if given); None, None ends the thread."""
+        size = len(data) if data is not None else 0
+        with self._cond:
+            self._cond.wait_for(lambda: self._error or not self._queued
+                                or self._queued + size <= self._budget)
+            if self._error:
+                raise self._error
+            self._jobs.append((path, data))
+            self._queued += size
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._jobs)
+                path, data = self._jobs[0]
+            try:
+                if self._error is None:
+                    if path is not None:
+                        if self._file:
+                            self._file.close()
+                        self._file = open(path, "wb")  # noqa: SIM115 - closed on the next path
+                    if data is not None:
+                        self._file.write(data)
+            except BaseException as e:  # noqa: BLE001 - handed to the producer
+                self._error = e
+            with self._cond:
+                self._jobs.popleft()
+                self._queued -= len(data) if data is not None else 0
+                self._cond.notify_all()
+            if path is None and data is None:
+                if self._file:
+                    self._file.close()
+                return
+
+    def finish(self) -> None:
+        """Flush everything, close the file, and raise any error the thread met."""
+        if self._thread.is_alive():
+            with self._cond:
+                self._jobs.append((None, None))
+                self._cond.notify_all()
+            self._thread.join()
+        if self._error:
+            raise self._error
+
+
 class ShardedWriter:
     """Streams tensors into safetensors shards of at most `max_shard_bytes`, in declared order.
 
     One shard is named model.safetensors (no index), as transformers does; several are named
     model-0000i-of-0000N.safetensors with a model.safetensors.index.json. Call `append` for each
-    tensor in order (several calls per tensor for row chunks), then `close`.
+    tensor in order (several calls per tensor for row chunks), then `close` (or `abort`).
     """
 
     def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_bytes: int):
@@ -277,13 +354,16 @@ class ShardedWriter:
         self.shards = list(zip(names, shards, strict=True))
         self._order: Iterator[tuple[str, TensorSpec]] = (
             (file, spec) for file, group in self.shards for spec in group)
-        self._file = None
+        self._io = _FileWriter()
         self._file_name: str | None = None
         self._current: TensorSpec | None = None
         self._remaining = 0
 
     def append(self, name: str, data: torch.Tensor) -> None:
-        """Write the next bytes of tensor `name` (the whole tensor or its next rows)."""
+        """Write the next bytes of tensor `name` (the whole tensor or its next rows).
+
+        The tensor must not be modified afterwards: it is written from a background thread.
+        """
         if self._remaining == 0:
             self._next(name)
         if name != self._current.name or data.dtype != self._current.dtype:
@@ -291,7 +371,7 @@ class ShardedWriter:
         raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if raw.numel() > self._remaining:
             raise RuntimeError(f"too many bytes for tensor {name}")
-        self._file.write(raw.numpy().data)
+        self._io.submit(None, raw.numpy().data)
         self._remaining -= raw.numel()
 
     def _next(self, name: str) -> None:
@@ -304,8 +384,6 @@ class ShardedWriter:
         self._current, self._remaining = spec, spec.nbytes
 
     def _open(self, file_name: str) -> None:
-        if self._file:
-            self._file.close()
         group = next(g for f, g in self.shards if f == file_name)
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
@@ -315,8 +393,7 @@ class ShardedWriter:
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._file = open(self.directory / file_name, "wb")  # noqa: SIM115 - closed in _open/close
-        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self._io.submit(self.directory / file_name, len(raw).to_bytes(8, "little") + raw)
         self._file_name = file_name
 
     def close(self) -> list[str]:
@@ -325,9 +402,7 @@ class ShardedWriter:
             raise RuntimeError(f"tensor {self._current.name} is incomplete")
         for _ in self._order:
             raise RuntimeError("writer closed before all tensors were written")
-        if self._file:
-            self._file.close()
-            self._file = None
+        self._io.finish()
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs)},
                      "weight_map": {s.name: f for f, group in self.shards for s in group}}
@@ -335,9 +410,9 @@ class ShardedWriter:
         return [f for f, _ in self.shards]
 
     def abort(self) -> None:
-        if self._file:
-            self._file.close()
-            self._file = None
+        """Stop writing (after an error); what was written is left for the caller to remove."""
+        with contextlib.suppress(BaseException):  # the caller's error matters, not this one
+            self._io.finish()
 
 
 def fsync_dir(path: Path) -> None:

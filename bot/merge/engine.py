@@ -10,6 +10,7 @@ leaves no half-written model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -22,7 +23,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bot import hub
 from bot.errors import (
     CheckpointError,
     IncompatibleModelsError,
@@ -44,7 +44,7 @@ from bot.merge.methods import METHODS, MergeParams
 
 DEFAULT_SHARD_SIZE = "5GB"
 DEFAULT_DENSITY = 0.5  # for ties / dare_*: keep half of the task vector
-CHUNK_ELEMENTS = 1 << 24  # elementwise methods work on at most this many elements at a time
+CHUNK_ELEMENTS = 1 << 20  # elementwise methods work on at most this many elements at a time
 # Files copied from the fine-tune beside the weights: config, tokenizer, chat template.
 AUX_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
 NOT_COPIED = {SAFETENSORS_INDEX, "pytorch_model.bin.index.json", ADAPTER_CONFIG}
@@ -148,6 +148,8 @@ def resolve_model(ref: str, allow_pickle: bool = False, quiet: bool = False) -> 
         return path
     if path.exists():
         raise UsageError(f"{ref} is a file; give the model's directory")
+    from bot import hub  # the Hub client is imported only when a Hub id is given
+
     return hub.download_model(ref, allow_pickle=allow_pickle, quiet=quiet)
 
 
@@ -285,8 +287,12 @@ def _row_chunks(rows: int, row_elems: int, elementwise: bool) -> list[tuple[int,
 
 
 def _merge_tensor(job: TensorJob, base: Checkpoint, ft, req: MergeRequest, params: MergeParams,
+                  scratch: tuple[torch.Tensor, torch.Tensor],
                   write: Callable[[torch.Tensor], None]) -> bool:
-    """Merge (or copy) one tensor chunk by chunk; returns whether it was merged."""
+    """Merge (or copy) one tensor chunk by chunk; returns whether it was merged.
+
+    Chunks are read into the two reused `scratch` buffers, so the loop allocates no read memory.
+    """
     method = METHODS[req.method]
     unchanged = isinstance(ft, AdapterCheckpoint) and not ft.changed(job.name)
     if job.base_name is None or unchanged:
@@ -301,15 +307,18 @@ def _merge_tensor(job: TensorJob, base: Checkpoint, ft, req: MergeRequest, param
     for rows in _row_chunks(shared, row_elems, method.elementwise):
         if rows is None and job.shared_rows is not None:
             rows = (0, shared)
-        b = base.read(job.base_name, rows).to(req.device).float()
-        f = ft.read(job.name, rows).to(req.device).float()
-        merged = method.fn(b, f, params)
-        if not torch.isfinite(merged).all():
+        b = base.read(job.base_name, rows, scratch[0]).to(req.device)
+        f = ft.read(job.name, rows, scratch[1]).to(req.device)
+        if not (method.float32_inside and b.dtype == f.dtype == job.spec.dtype):
+            b, f = b.float(), f.float()
+        merged = method.fn(b, f, params).to(job.spec.dtype)
+        # one cheap reduction: a NaN or Inf anywhere makes the sum non-finite
+        if not math.isfinite(merged.sum()) and not torch.isfinite(merged).all():
             where = ("the base" if not torch.isfinite(b).all() else
                      "the fine-tune" if not torch.isfinite(f).all() else "the merge")
             raise MergeError(f"NaN or Inf in tensor {job.name} (it comes from {where}); "
                              "nothing was written")
-        write(merged.to(job.spec.dtype))
+        write(merged)
     if job.shared_rows is not None:
         write(ft.read(job.name, (shared, shape[0])).to(job.spec.dtype))
     return True
@@ -363,6 +372,8 @@ def merge_models(req: MergeRequest, progress: Progress | None = None,
             files = [ADAPTER_WEIGHTS]
         else:
             writer = ShardedWriter(tmp, [job.spec for job in jobs], shard_bytes)
+            scratch = (torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8),
+                       torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8))
             try:
                 for job in jobs:
                     def write(t: torch.Tensor, name: str = job.name) -> None:
@@ -371,7 +382,7 @@ def merge_models(req: MergeRequest, progress: Progress | None = None,
                         done += t.numel() * t.element_size()
                         if progress:
                             progress(done, total)
-                    merged += _merge_tensor(job, base, ft, req, params, write)
+                    merged += _merge_tensor(job, base, ft, req, params, scratch, write)
                 files = writer.close()
             finally:
                 writer.abort()

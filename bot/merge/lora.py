@@ -141,10 +141,11 @@ class AdapterCheckpoint:
     def changed(self, name: str) -> bool:
         return name in self.modules or name in self.replaced
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """The fine-tuned tensor: the base's (or the adapter's copy) plus the LoRA delta."""
         replaced = self.replaced.get(name)
-        start = read_tensor(replaced, rows) if replaced else self.base.read(name, rows)
+        start = read_tensor(replaced, rows, out) if replaced else self.base.read(name, rows, out)
         if name not in self.modules:
             return start
         return start.float() + self.modules[name].delta(rows)

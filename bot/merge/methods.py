@@ -1,7 +1,8 @@
 """Merge methods as pure tensor maths: one base tensor and one fine-tune tensor in, one out.
 
 Convention (BACKGROUND.md): `weight` is lambda, the weight of the fine-tune; weight 0 gives the
-base and weight 1 the fine-tune. Inputs and outputs are float32. Each method matches mergekit's
+base and weight 1 the fine-tune. The maths is float32: inputs are upcast, except where a method
+is marked `float32_inside`. Each method matches mergekit's
 method of the same name for a two-model merge with the fine-tune's weight and `normalize: false`.
 With a single fine-tune the TIES sign election keeps every surviving entry, so `ties` is a trim
 then a scaled add and `dare_ties` equals `dare_linear`; they keep their own names because they
@@ -36,7 +37,9 @@ class Method:
     """A registered merge method.
 
     `elementwise` methods may be applied to row chunks of a tensor; the others need the whole
-    tensor (a norm, a magnitude rank or a random stream over all of it).
+    tensor (a norm, a magnitude rank or a random stream over all of it). `float32_inside`
+    methods give bit-identical results on bf16/fp16 inputs without upcasting them first,
+    because torch's kernel computes in float32 itself and rounds once (tested).
     """
 
     name: str
@@ -44,6 +47,7 @@ class Method:
     elementwise: bool
     uses_density: bool = False
     seeded: bool = False
+    float32_inside: bool = False
 
 
 def linear(base: torch.Tensor, ft: torch.Tensor, p: MergeParams) -> torch.Tensor:
@@ -111,7 +115,7 @@ def dare_ties(base: torch.Tensor, ft: torch.Tensor, p: MergeParams) -> torch.Ten
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("linear", linear, elementwise=True),
+        Method("linear", linear, elementwise=True, float32_inside=True),
         Method("slerp", slerp, elementwise=False),
         Method("task_arithmetic", task_arithmetic, elementwise=True),
         Method("ties", ties, elementwise=False, uses_density=True),
