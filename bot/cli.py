@@ -17,9 +17,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from bot import __version__
 from bot.errors import SafeguardError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Restore the safety of fine-tuned chat models by merging with their base.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object, no progress.")]
 
@@ -92,9 +92,12 @@ def demo(
     It shows the merge engine on real HF-layout models with no network. The full demo (local
     hub, trained zoo, one watch cycle) replaces this as the later stages land.
     """
+    from transformers.utils import logging as hf_logging
+
     from bot.merge.engine import MergeRequest, merge_models
     from bot.zoo.random_models import random_pair
 
+    hf_logging.disable_progress_bar()
     root = workdir or Path(tempfile.mkdtemp(prefix="safeguard-demo-"))
     base, ft = random_pair(root / "models", base_shards="5GB", ft_shards="100KB")
     out = root / "merged-linear-0.5"
@@ -112,28 +115,18 @@ def version() -> None:
 
 
 def main() -> None:
-    """Entry point: run the app, turning the bot's errors into one line and an exit code."""
-    as_json = "--json" in sys.argv
+    """Entry point: the bot's own errors become one line (or a JSON object) and an exit code.
+
+    Usage errors and Ctrl-C are handled by typer (exit 2 and exit 130).
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except SafeguardError as e:
-        if as_json:
+        if "--json" in sys.argv:
             print(json.dumps({"error": str(e), "kind": type(e).__name__,
                               "exit_code": e.exit_code}))
         err.print(f"error: {e}", markup=False, highlight=False)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted; nothing half-written was left behind")
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

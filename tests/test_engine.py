@@ -411,3 +411,26 @@ def test_linear_on_bf16_is_bit_identical_to_float32_maths(weight, bf16_pair, tmp
     for name, t in load_state(tmp_path / "out").items():
         expected = torch.lerp(b[name].float(), f[name].float(), weight).to(torch.bfloat16)
         assert torch.equal(t, expected), name
+
+
+def test_device_option(pair, tmp_path):
+    base, ft = pair
+    with pytest.raises(UsageError, match="--device must be"):
+        _merge(base, ft, tmp_path / "x", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            _merge(base, ft, tmp_path / "x", device="cuda")
+        return
+    _merge(base, ft, tmp_path / "cpu", method="slerp", weight=0.4)
+    _merge(base, ft, tmp_path / "gpu", method="slerp", weight=0.4, device="cuda")
+    cpu, gpu = load_state(tmp_path / "cpu"), load_state(tmp_path / "gpu")
+    for name, t in cpu.items():
+        torch.testing.assert_close(gpu[name], t, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_config_is_refused(tmp_path):
+    base = _write(tmp_path / "b", {"w": torch.zeros(2)})
+    ft = _write(tmp_path / "f", {"w": torch.ones(2)})
+    (ft / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        _merge(base, ft, tmp_path / "out")

@@ -73,3 +73,13 @@ def test_dare_drops_and_rescales(name):
     assert torch.equal(got, again)
     other = METHODS[name].fn(base, ft, MergeParams(w, density, torch.Generator().manual_seed(6)))
     assert not torch.equal(got, other)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_methods_return_fresh_tensors(name):
+    """The engine reuses its input buffers: a method must never hand one back."""
+    base, ft = _tensors(4)
+    for w in (0.0, 0.5, 1.0):
+        out = METHODS[name].fn(base, ft, MergeParams(w, 1.0, torch.Generator().manual_seed(0)))
+        ptr = out.untyped_storage().data_ptr()
+        assert ptr not in (base.untyped_storage().data_ptr(), ft.untyped_storage().data_ptr())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 import zlib
@@ -129,8 +130,8 @@ def validate(req: MergeRequest) -> tuple[float | None, torch.dtype | None, int]:
         raise UsageError(f"--shard-size: {e}") from None
     if shard_bytes <= 0:
         raise UsageError("--shard-size must be positive")
-    if req.device != "cpu" and not torch.device(req.device).type == "cuda":
-        raise UsageError(f"--device must be cpu or cuda, got {req.device}")
+    if req.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", req.device):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {req.device}")
     if req.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but no CUDA device is available")
     if req.as_adapter and req.method not in ("linear", "task_arithmetic"):
@@ -154,9 +155,10 @@ def resolve_model(ref: str, allow_pickle: bool = False, quiet: bool = False) -> 
 
 
 def read_config(directory: Path) -> dict:
+    """A model's config.json: the output needs it to be a loadable model."""
     path = directory / "config.json"
     if not path.exists():
-        return {}
+        raise CheckpointError(f"{directory}: no config.json, so the merge would not be loadable")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -286,20 +288,27 @@ def _row_chunks(rows: int, row_elems: int, elementwise: bool) -> list[tuple[int,
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
-def _merge_tensor(job: TensorJob, base: Checkpoint, ft, req: MergeRequest, params: MergeParams,
-                  scratch: tuple[torch.Tensor, torch.Tensor],
-                  write: Callable[[torch.Tensor], None]) -> bool:
-    """Merge (or copy) one tensor chunk by chunk; returns whether it was merged.
+def _is_merged(job: TensorJob, ft: Checkpoint | AdapterCheckpoint) -> bool:
+    """Whether the job merges (else it copies the fine-tune's tensor as is)."""
+    if isinstance(ft, AdapterCheckpoint) and not ft.changed(job.name):
+        return False  # merging a tensor with itself gives it back, for every method
+    return job.base_name is not None
 
-    Chunks are read into the two reused `scratch` buffers, so the loop allocates no read memory.
+
+def _output_chunks(job: TensorJob, base: Checkpoint, ft: Checkpoint | AdapterCheckpoint,
+                   req: MergeRequest, params: MergeParams,
+                   scratch: tuple[torch.Tensor, torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The output tensor of one job, in row chunks (whole for non-elementwise methods).
+
+    Inputs are read into the two reused `scratch` buffers, so the loop allocates no read
+    memory; every yielded chunk is a fresh tensor (methods never return their inputs).
     """
+    if not _is_merged(job, ft):
+        yield ft.read(job.name).to(job.spec.dtype)
+        return
     method = METHODS[req.method]
-    unchanged = isinstance(ft, AdapterCheckpoint) and not ft.changed(job.name)
-    if job.base_name is None or unchanged:
-        write(ft.read(job.name).to(job.spec.dtype))
-        return False
     shape = job.spec.shape
-    row_elems = int(torch.Size(shape[1:]).numel()) if shape else 1
+    row_elems = math.prod(shape[1:]) if shape else 1
     shared = job.shared_rows if job.shared_rows is not None else (shape[0] if shape else 0)
     if method.seeded:
         params = MergeParams(params.weight, params.density,
@@ -318,10 +327,9 @@ def _merge_tensor(job: TensorJob, base: Checkpoint, ft, req: MergeRequest, param
                      "the fine-tune" if not torch.isfinite(f).all() else "the merge")
             raise MergeError(f"NaN or Inf in tensor {job.name} (it comes from {where}); "
                              "nothing was written")
-        write(merged)
-    if job.shared_rows is not None:
-        write(ft.read(job.name, (shared, shape[0])).to(job.spec.dtype))
-    return True
+        yield merged.cpu()
+    if job.shared_rows is not None:  # the fine-tune's new vocabulary rows, as they are
+        yield ft.read(job.name, (shared, shape[0])).to(job.spec.dtype)
 
 
 def _write_adapter(ft: AdapterCheckpoint, base: Checkpoint, weight: float, out: Path) -> int:
@@ -355,16 +363,14 @@ def merge_models(req: MergeRequest, progress: Progress | None = None,
         raise UsageError("--as-adapter needs a LoRA adapter as FINETUNE")
     ft = AdapterCheckpoint(base, ft_dir) if adapter else Checkpoint(ft_dir, req.allow_pickle)
     base_cfg = read_config(base_dir)
-    ft_cfg = read_config(ft_dir) or base_cfg
-    if not base_cfg and not adapter:
-        raise CheckpointError(f"{base_dir}: no config.json")
+    ft_cfg = base_cfg if adapter else read_config(ft_dir)
     jobs = plan_merge(base, ft, base_cfg, ft_cfg, dtype)
     grown = [job.name for job in jobs if job.shared_rows is not None]
     if grown:
         check_vocab_prefix(base_dir, ft_dir, min(j.shared_rows for j in jobs if j.shared_rows))
     params = MergeParams(req.weight, density if density is not None else 1.0)
     total = sum(job.spec.nbytes for job in jobs)
-    done = merged = 0
+    done = 0
     with staged_output(req.out, req.overwrite) as tmp:
         if req.as_adapter:
             total = _write_adapter(ft, base, req.weight, tmp)
@@ -376,13 +382,11 @@ def merge_models(req: MergeRequest, progress: Progress | None = None,
                        torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8))
             try:
                 for job in jobs:
-                    def write(t: torch.Tensor, name: str = job.name) -> None:
-                        nonlocal done
-                        writer.append(name, t)
-                        done += t.numel() * t.element_size()
+                    for chunk in _output_chunks(job, base, ft, req, params, scratch):
+                        writer.append(job.name, chunk)
+                        done += chunk.numel() * chunk.element_size()
                         if progress:
                             progress(done, total)
-                    merged += _merge_tensor(job, base, ft, req, params, scratch, write)
                 files = writer.close()
             finally:
                 writer.abort()
@@ -390,7 +394,8 @@ def merge_models(req: MergeRequest, progress: Progress | None = None,
     return MergeResult(
         out=str(req.out), method=req.method, weight=req.weight, density=density,
         seed=req.seed if METHODS[req.method].seeded else None, adapter=adapter,
-        as_adapter=req.as_adapter, tensors=len(jobs), merged_tensors=merged,
+        as_adapter=req.as_adapter, tensors=len(jobs),
+        merged_tensors=sum(_is_merged(job, ft) for job in jobs),
         vocab_grown=grown, files=files, bytes=total,
         seconds=round(time.perf_counter() - started, 3))
 

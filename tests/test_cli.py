@@ -1,0 +1,97 @@
+"""The command line as a user runs it: a real process, JSON on stdout, exit codes."""
+
+import json
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "bot.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_merge_prints_one_json_object(pair, tmp_path):
+    base, ft = pair
+    proc = run("merge", base, ft, tmp_path / "out", "--method", "slerp", "--weight", "0.3",
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["method"] == "slerp" and result["weight"] == 0.3
+    assert result["merged_tensors"] == result["tensors"] == 21
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_errors_map_to_exit_codes_and_one_line(pair, tmp_path):
+    base, ft = pair
+    proc = run("merge", base, ft, tmp_path / "out", "--weight", "2", "--json")
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["kind"] == "UsageError"
+    assert proc.stderr.strip().count("\n") == 0 and "--weight must be in" in proc.stderr
+    proc = run("merge", base, tmp_path / "nowhere" / "x", tmp_path / "out")
+    assert proc.returncode == 2 and "neither a local directory nor a Hub repo id" in proc.stderr
+    (tmp_path / "out").mkdir()
+    proc = run("merge", base, ft, tmp_path / "out")
+    assert proc.returncode == 8 and "--overwrite" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_option_is_a_usage_error(pair, tmp_path):
+    base, ft = pair
+    proc = run("merge", base, ft, tmp_path / "out", "--no-such-option")
+    assert proc.returncode == 2 and "No such option" in proc.stderr
+
+
+def test_demo_merges_a_generated_pair(tmp_path):
+    proc = run("demo", "--workdir", tmp_path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["merged_tensors"] == result["tensors"] > 0
+    assert (tmp_path / "merged-linear-0.5" / "config.json").exists()
+
+
+def test_ctrl_c_leaves_no_half_written_model(tmp_path):
+    """A real SIGINT in the middle of a merge: OUT never appears, the staging folder is gone."""
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    for name, seed in (("base", 0), ("ft", 1)):
+        (tmp_path / name).mkdir()
+        g = torch.Generator().manual_seed(seed)
+        save_file({f"w{i}": torch.randn(2048, 4096, generator=g) for i in range(12)},
+                  tmp_path / name / "model.safetensors")
+        (tmp_path / name / "config.json").write_text('{"model_type": "toy"}')
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "merge", tmp_path / "base",
+                             tmp_path / "ft", out, "--method", "slerp", "--shard-size", "50MB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.partial-*/model-0000[2-9]*")):  # mid-way: shard 2 begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr  # the shell's convention for an interrupt
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_unreachable_hub_is_a_hub_error(pair, tmp_path):
+    """A repo id goes to the Hub client; with nothing listening there, a clear exit 7."""
+    import os
+    import socket
+
+    with socket.socket() as s:  # a loopback port with no server behind it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base, _ = pair
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+           "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "bot.cli", "merge", str(base), "org/model@v1",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 7, proc.stderr
+    assert "org/model: cannot reach the Hub" in proc.stderr
+    assert not (tmp_path / "out").exists()
