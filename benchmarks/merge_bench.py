@@ -7,12 +7,12 @@ the base in 2 GB shards and the fine-tune in 300 MB shards, then times, as separ
   ours       safeguard-bot merge BASE FT OUT --method linear --weight 0.5
   mergekit   mergekit-yaml with the same linear merge (weights [0.5, 0.5])
 
-Each is run --repeats times, after a sync (page cache warm for all, as the pair was just
-written, and no dirty pages pending from an earlier run); wall time is the best run, peak RSS
-the largest (GNU time's %M: the largest process of the command). Ratios are against the peers
+Each is run --repeats times (default 5), after a sync (page cache warm for all, as the pair was
+just written, and no dirty pages pending from an earlier run); wall time is the best run, with
+the median beside it; peak RSS is the largest (GNU time's %M). Ratios are against the peers
 measured in this same run. The two merged outputs are compared for agreement.
 
-    python benchmarks/merge_bench.py [--workdir DIR] [--repeats 2] [--json]
+    python benchmarks/merge_bench.py [--workdir DIR] [--repeats 5] [--json]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,8 +78,9 @@ def measure(cmd: str, repeats: int, cleanup: Path | None) -> dict:
         if proc.returncode != 0:
             sys.exit(f"failed: {cmd}\n{proc.stderr[-2000:]}")
         rss.append(int(proc.stderr.strip().splitlines()[-1]) * 1024)
-    return {"cmd": cmd, "wall_s": round(min(walls), 2), "walls_s": [round(w, 2) for w in walls],
-            "peak_rss_bytes": max(rss)}
+    return {"cmd": cmd, "wall_s": round(min(walls), 2),
+            "median_wall_s": round(statistics.median(walls), 2),
+            "walls_s": [round(w, 2) for w in walls], "peak_rss_bytes": max(rss)}
 
 
 def max_abs_difference(a: Path, b: Path) -> float:
@@ -89,7 +91,7 @@ def max_abs_difference(a: Path, b: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
@@ -117,6 +119,8 @@ def main() -> None:
     result = {
         "model_bytes": model_bytes, "threads": torch.get_num_threads(), "runs": runs,
         "speedup_vs_mergekit": round(runs["mergekit"]["wall_s"] / runs["ours"]["wall_s"], 2),
+        "median_speedup_vs_mergekit": round(runs["mergekit"]["median_wall_s"]
+                                            / runs["ours"]["median_wall_s"], 2),
         "ours_vs_floor": round(runs["ours"]["wall_s"] / runs["floor"]["wall_s"], 2),
         "ours_rss_share_of_model": round(runs["ours"]["peak_rss_bytes"] / model_bytes, 3),
         "max_abs_difference_ours_vs_mergekit": max_abs_difference(work / "ours-out",
@@ -126,10 +130,12 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"model: {model_bytes / 1e9:.2f} GB bf16 per input, torch threads {result['threads']}")
-    print("| run | wall (s) | peak RSS (MB) |\n|---|---|---|")
+    print("| run | best wall (s) | median wall (s) | peak RSS (MB) |\n|---|---|---|---|")
     for name, run in runs.items():
-        print(f"| {name} | {run['wall_s']} | {run['peak_rss_bytes'] / 1e6:.0f} |")
-    print(f"speedup vs mergekit: {result['speedup_vs_mergekit']}x; ours / floor: "
+        print(f"| {name} | {run['wall_s']} | {run['median_wall_s']} | "
+              f"{run['peak_rss_bytes'] / 1e6:.0f} |")
+    print(f"speedup vs mergekit: {result['speedup_vs_mergekit']}x best, "
+          f"{result['median_speedup_vs_mergekit']}x median; ours / floor: "
           f"{result['ours_vs_floor']}x; ours peak RSS / model size: "
           f"{result['ours_rss_share_of_model']}; max |ours - mergekit|: "
           f"{result['max_abs_difference_ours_vs_mergekit']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -117,7 +118,10 @@ def version() -> None:
 def main() -> None:
     """Entry point: the bot's own errors become one line (or a JSON object) and an exit code.
 
-    Usage errors and Ctrl-C are handled by typer (exit 2 and exit 130).
+    Usage errors and Ctrl-C are handled by typer (exit 2 and exit 130). After a command that
+    succeeded, the process ends without the interpreter's teardown of torch and friends
+    (about 0.35 s here, a seventh of a 1 GB merge): output is flushed and every file the command
+    wrote is already closed.
     """
     try:
         app()
@@ -127,6 +131,12 @@ def main() -> None:
                               "exit_code": e.exit_code}))
         err.print(f"error: {e}", markup=False, highlight=False)
         sys.exit(e.exit_code)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

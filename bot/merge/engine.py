@@ -17,6 +17,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -236,6 +237,21 @@ def plan_merge(base: Checkpoint, ft: Checkpoint | AdapterCheckpoint, base_cfg: d
 
 
 @contextmanager
+def _leave_a_core_for_io() -> Iterator[None]:
+    """Run torch's CPU maths on all cores but one, which the shard-writer thread needs.
+
+    On 2 cores the merge is a two-stage pipeline (read + maths, write); spinning maths threads
+    would otherwise steal the writer's core.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     """A hidden folder beside OUT that becomes OUT only if the block completes."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,13 +297,6 @@ def _generator(seed: int, name: str, device: str) -> torch.Generator:
     return g
 
 
-def _row_chunks(rows: int, row_elems: int, elementwise: bool) -> list[tuple[int, int] | None]:
-    if not elementwise or rows == 0:
-        return [None]
-    step = max(1, CHUNK_ELEMENTS // max(1, row_elems))
-    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
-
-
 def _is_merged(job: TensorJob, ft: Checkpoint | AdapterCheckpoint) -> bool:
     """Whether the job merges (else it copies the fine-tune's tensor as is)."""
     if isinstance(ft, AdapterCheckpoint) and not ft.changed(job.name):
@@ -295,41 +304,84 @@ def _is_merged(job: TensorJob, ft: Checkpoint | AdapterCheckpoint) -> bool:
     return job.base_name is not None
 
 
-def _output_chunks(job: TensorJob, base: Checkpoint, ft: Checkpoint | AdapterCheckpoint,
-                   req: MergeRequest, params: MergeParams,
-                   scratch: tuple[torch.Tensor, torch.Tensor]) -> Iterator[torch.Tensor]:
-    """The output tensor of one job, in row chunks (whole for non-elementwise methods).
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of one output tensor: rows to merge, or rows to copy from the fine-tune."""
 
-    Inputs are read into the two reused `scratch` buffers, so the loop allocates no read
-    memory; every yielded chunk is a fresh tensor (methods never return their inputs).
+    job: TensorJob
+    rows: tuple[int, int] | None  # None: the whole tensor
+    merge: bool
+
+
+def plan_chunks(jobs: list[TensorJob], ft: Checkpoint | AdapterCheckpoint,
+                elementwise: bool) -> list[Chunk]:
+    """Every output tensor as chunks, in writing order; elementwise methods get row chunks."""
+    chunks = []
+    for job in jobs:
+        if not _is_merged(job, ft):
+            chunks.append(Chunk(job, None, merge=False))
+            continue
+        shape = job.spec.shape
+        rows = shape[0] if shape else 0
+        shared = job.shared_rows if job.shared_rows is not None else rows
+        step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+        if elementwise and shared:
+            chunks += [Chunk(job, (i, min(i + step, shared)), True) for i in range(0, shared, step)]
+        else:
+            chunks.append(Chunk(job, None if shared == rows else (0, shared), True))
+        if shared != rows:  # a grown vocabulary: the fine-tune's new rows, as they are
+            chunks.append(Chunk(job, (shared, rows), merge=False))
+    return chunks
+
+
+def _read_ahead(chunks: list[Chunk], base: Checkpoint, ft: Checkpoint | AdapterCheckpoint
+                ) -> Iterator[tuple[Chunk, torch.Tensor | None, torch.Tensor]]:
+    """Yield (chunk, base part, fine-tune part), reading chunk i+1 on a helper thread.
+
+    Reads release the GIL, so disk reads overlap the maths. Two pairs of scratch buffers
+    alternate: a chunk's parts stay valid until the chunk after the next is requested.
     """
-    if not _is_merged(job, ft):
-        yield ft.read(job.name).to(job.spec.dtype)
-        return
+    size = CHUNK_ELEMENTS * 8
+    scratch = [(torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8))
+               for _ in range(2)]
+
+    def read(i: int):
+        chunk = chunks[i]
+        if not chunk.merge:
+            return chunk, None, ft.read(chunk.job.name, chunk.rows)
+        b_buf, f_buf = scratch[i % 2]
+        return (chunk, base.read(chunk.job.base_name, chunk.rows, b_buf),
+                ft.read(chunk.job.name, chunk.rows, f_buf))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        pending = pool.submit(read, 0) if chunks else None
+        for i in range(len(chunks)):
+            item = pending.result()
+            pending = pool.submit(read, i + 1) if i + 1 < len(chunks) else None
+            yield item
+
+
+def _merge_chunk(chunk: Chunk, b: torch.Tensor | None, f: torch.Tensor, req: MergeRequest,
+                 params: MergeParams) -> torch.Tensor:
+    """The output for one chunk, a fresh CPU tensor (methods never return their inputs)."""
+    dtype = chunk.job.spec.dtype
+    if not chunk.merge:
+        return f.to(dtype)
     method = METHODS[req.method]
-    shape = job.spec.shape
-    row_elems = math.prod(shape[1:]) if shape else 1
-    shared = job.shared_rows if job.shared_rows is not None else (shape[0] if shape else 0)
-    if method.seeded:
+    if method.seeded:  # seeded methods are not elementwise: one chunk per tensor
         params = MergeParams(params.weight, params.density,
-                             _generator(req.seed, job.name, req.device))
-    for rows in _row_chunks(shared, row_elems, method.elementwise):
-        if rows is None and job.shared_rows is not None:
-            rows = (0, shared)
-        b = base.read(job.base_name, rows, scratch[0]).to(req.device)
-        f = ft.read(job.name, rows, scratch[1]).to(req.device)
-        if not (method.float32_inside and b.dtype == f.dtype == job.spec.dtype):
-            b, f = b.float(), f.float()
-        merged = method.fn(b, f, params).to(job.spec.dtype)
-        # one cheap reduction: a NaN or Inf anywhere makes the sum non-finite
-        if not math.isfinite(merged.sum()) and not torch.isfinite(merged).all():
-            where = ("the base" if not torch.isfinite(b).all() else
-                     "the fine-tune" if not torch.isfinite(f).all() else "the merge")
-            raise MergeError(f"NaN or Inf in tensor {job.name} (it comes from {where}); "
-                             "nothing was written")
-        yield merged.cpu()
-    if job.shared_rows is not None:  # the fine-tune's new vocabulary rows, as they are
-        yield ft.read(job.name, (shared, shape[0])).to(job.spec.dtype)
+                             _generator(req.seed, chunk.job.name, req.device))
+    b, f = b.to(req.device), f.to(req.device)
+    if not (method.float32_inside and b.dtype == f.dtype == dtype):
+        b, f = b.float(), f.float()
+    merged = method.fn(b, f, params).to(dtype)
+    # one cheap reduction: a NaN or Inf anywhere makes the sum non-finite
+    if not math.isfinite(merged.sum()) and not torch.isfinite(merged).all():
+        where = ("the base" if not torch.isfinite(b).all() else
+                 "the fine-tune" if not torch.isfinite(f).all() else "the merge")
+        raise MergeError(f"NaN or Inf in tensor {chunk.job.name} (it comes from {where}); "
+                         "nothing was written")
+    return merged.cpu()
 
 
 def _write_adapter(ft: AdapterCheckpoint, base: Checkpoint, weight: float, out: Path) -> int:
@@ -371,22 +423,21 @@ def merge_models(req: MergeRequest, progress: Progress | None = None,
     params = MergeParams(req.weight, density if density is not None else 1.0)
     total = sum(job.spec.nbytes for job in jobs)
     done = 0
-    with staged_output(req.out, req.overwrite) as tmp:
+    with staged_output(req.out, req.overwrite) as tmp, _leave_a_core_for_io():
         if req.as_adapter:
             total = _write_adapter(ft, base, req.weight, tmp)
             copy_aux_files([ft_dir], tmp, None)
             files = [ADAPTER_WEIGHTS]
         else:
             writer = ShardedWriter(tmp, [job.spec for job in jobs], shard_bytes)
-            scratch = (torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8),
-                       torch.empty(CHUNK_ELEMENTS * 8, dtype=torch.uint8))
+            chunks = plan_chunks(jobs, ft, METHODS[req.method].elementwise)
             try:
-                for job in jobs:
-                    for chunk in _output_chunks(job, base, ft, req, params, scratch):
-                        writer.append(job.name, chunk)
-                        done += chunk.numel() * chunk.element_size()
-                        if progress:
-                            progress(done, total)
+                for chunk, b, f in _read_ahead(chunks, base, ft):
+                    out = _merge_chunk(chunk, b, f, req, params)
+                    writer.append(chunk.job.name, out)
+                    done += out.numel() * out.element_size()
+                    if progress:
+                        progress(done, total)
                 files = writer.close()
             finally:
                 writer.abort()
