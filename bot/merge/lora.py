@@ -69,7 +69,7 @@ class AdapterCheckpoint:
         self.directory = Path(directory)
         self.config = self._read_config()
         self.modules, self.replaced = self._read_weights()
-        self.tensors = {name: info for name, info in base.tensors.items()}
+        self.tensors = dict(base.tensors)  # the adapter changes values, not the tensor set
 
     def _read_config(self) -> dict:
         try:
