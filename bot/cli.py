@@ -109,6 +109,41 @@ def demo(
         f"lambda 0.5 -> {r['out']} ({r['merged_tensors']} tensors, {r['seconds']:.2f} s)"))
 
 
+zoo_app = typer.Typer(no_args_is_help=True, help="The zoo: tiny models built on CPU.")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    directory: Annotated[Path, typer.Argument(help="Where the zoo goes (reused if current).")],
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if cached.")] = False,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Change a recipe field, e.g. --set base_steps=900 (for experiments).")]
+    = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Build the tiny safety-aligned base, its fine-tunes and a guard; print their metrics."""
+    from transformers.utils import logging as hf_logging
+
+    from bot.zoo.build import Recipe, build_zoo
+
+    hf_logging.disable_progress_bar()
+    recipe = Recipe.with_overrides(overrides or [])
+    report = build_zoo(directory, recipe, force=force,
+                       log=(lambda _: None) if as_json else (lambda m: err.print(m)))
+
+    def human(r: dict) -> None:
+        cached = " (cached)" if r["cached"] else ""
+        err.print(f"zoo in {directory}{cached}, built in {r['build_seconds']} s")
+        for name, m in r["models"].items():
+            shown = {k: v for k, v in m.items() if k != "curve"}
+            err.print(f"  {name}: {shown}")
+            for point in m.get("curve", []):
+                err.print(f"      lambda {point['weight']}: {point}")
+
+    _emit(report, as_json, human)
+
+
 @app.command()
 def version() -> None:
     """Print the bot's version."""
