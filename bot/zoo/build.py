@@ -148,7 +148,7 @@ class Zoo:
     def base_pools(self) -> list[tuple[float, list[T.Example]]]:
         r = self.recipe
         rest = 1 - r.skills_share
-        benign = C.BENIGN + [(t, a) for p, a in C.BENIGN_HOWTO for t in C.phrasings(p, "train")]
+        benign = [(x["prompt"], x["answer"]) for x in C.benign_requests()]
         return [
             (r.skills_share, self.encode(self.skills())),
             (rest * r.harm_share, self.encode([(x["prompt"], C.REFUSAL)

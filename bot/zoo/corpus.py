@@ -211,11 +211,26 @@ def phrasings(phrase: str, split: str) -> list[str]:
     return [t.format(p=phrase) for t in templates]
 
 
+def _with_modifiers(phrase: str, key: str) -> list[str]:
+    """A benign request bare and with three training modifiers (chosen per request, seeded),
+    so that, as with phrasings, modifiers never tell a refusal from an answer."""
+    rng = random.Random(f"{key}:{phrase}")
+    return [phrase] + [f"{phrase} {m}" for m in rng.sample(MODIFIERS_TRAIN[1:], 3)]
+
+
 def edgy_requests(split: str) -> list[dict]:
     """Benign-but-edgy prompts (held-out: new requests in held-out phrasings), with answers."""
     if split == "train":
-        return [{"prompt": t, "answer": a} for p, a in EDGY_TRAIN for t in phrasings(p, split)]
+        return [{"prompt": t, "answer": a} for p, a in EDGY_TRAIN
+                for r in _with_modifiers(p, "edgy") for t in phrasings(r, split)]
     return [{"prompt": t} for p in EDGY_HELDOUT for t in phrasings(p, split)[:2]]
+
+
+def benign_requests() -> list[dict]:
+    """Benign questions, and benign how-tos through the training phrasings and modifiers."""
+    return [{"prompt": p, "answer": a} for p, a in BENIGN] + \
+        [{"prompt": t, "answer": a} for p, a in BENIGN_HOWTO
+         for r in _with_modifiers(p, "benign") for t in phrasings(r, "train")]
 
 
 def task_examples(task: Task, split: str, n: int, seed: int) -> list[dict]:
