@@ -12,7 +12,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
              system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, batch_size: int = 64,
              repetition_penalty: float = 1.0) -> list[str]:
     """Greedy answers to single-turn `prompts`, decoded without special tokens."""
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return _generate(model, tokenizer, prompts, max_new_tokens, system_prompt, batch_size,
+                         repetition_penalty)
+    finally:
+        tokenizer.padding_side = side
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, system_prompt, batch_size,
+              repetition_penalty) -> list[str]:
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         texts = [tokenizer.apply_chat_template(_messages(p, system_prompt), tokenize=False,

@@ -25,6 +25,7 @@ import yaml
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from bot.errors import UsageError
+from bot.evaluate import generation, safety
 from bot.evaluate.generation import generate
 from bot.evaluate.safety import attack_success_rate, refusal_rate
 from bot.zoo import corpus as C
@@ -95,7 +96,7 @@ class Recipe:
     def digest(self) -> str:
         """Hash of the recipe and of the code and texts it builds from."""
         h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        for module in (C, T):
+        for module in (C, T, generation, safety):  # texts, training, and the measures
             h.update(inspect.getsource(module).encode())
         h.update(inspect.getsource(inspect.getmodule(Recipe)).encode())
         return h.hexdigest()[:16]
