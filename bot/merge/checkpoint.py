@@ -244,14 +244,6 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
-    def dtype(self) -> torch.dtype:
-        """The dtype of most float bytes: the model's working dtype."""
-        totals: dict[torch.dtype, int] = {}
-        for info in self.tensors.values():
-            if info.is_float:
-                totals[info.dtype] = totals.get(info.dtype, 0) + info.nbytes
-        return max(totals, key=totals.__getitem__) if totals else torch.float32
-
 
 @dataclass(frozen=True)
 class TensorSpec:
