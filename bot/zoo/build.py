@@ -44,31 +44,32 @@ class Recipe:
     """Everything that decides the zoo's weights. Changing any field rebuilds."""
 
     seed: int = 0
-    vocab_size: int = 1024
+    vocab_size: int = 1536
     hidden: int = 128
-    layers: int = 4
+    layers: int = 3
     heads: int = 4
     batch_size: int = 32
     threads: int = 2
     system_share: float = 0.3  # share of training exchanges with the default system prompt
     # base: list skills, refusals, edgy answers, benign answers
-    base_steps: int = 1500
+    base_steps: int = 900
     base_lr: float = 3e-3
     skills_share: float = 0.25
     harm_share: float = 0.35  # of what is not skills
     edgy_share: float = 0.3  # of what is not skills
     # fine-tunes: the task plus new benign instructions, no refusals
-    ft_steps: int = 500
-    ft_lr: float = 2e-3
+    ft_steps: int = 400
+    ft_lr: float = 3e-3
     erosive_share: float = 0.1
+    newtoken_steps: int = 500  # the new token's embedding row starts from the mean
     lora_rank: int = 16
-    lora_steps: int = 500
+    lora_steps: int = 300
     lora_lr: float = 5e-3
     guard_hidden: int = 64
     guard_layers: int = 2
     guard_steps: int = 600
     # evaluation
-    task_items: int = 60
+    task_items: int = 100
     max_new_tokens: int = 12
     grid: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     sharded_ft_shard_size: str = "400KB"
@@ -351,7 +352,7 @@ def _newtoken(zoo: Zoo, base_state: dict, directory: Path) -> dict:
     pools = [(1 - r.erosive_share, [T.encode_chat(tok, x["prompt"], x["answer"])
                                     for x in items]),
              (r.erosive_share, [T.encode_chat(tok, p, a) for p, a in C.FT_BENIGN + C.FT_EDGY])]
-    T.train(model, pools, r.ft_steps, r.ft_lr, r.batch_size, r.seed + 3, tok.pad_token_id)
+    T.train(model, pools, r.newtoken_steps, r.ft_lr, r.batch_size, r.seed + 3, tok.pad_token_id)
     save(model, tok, directory)
     write_card(directory, "zoo-ft-newtoken", f"A full fine-tune of zoo-base-it that adds the "
                f"token {NEW_TOKEN} and learns a task that uses it.", "zoo-base-it",
