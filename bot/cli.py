@@ -109,6 +109,74 @@ def demo(
         f"lambda 0.5 -> {r['out']} ({r['merged_tensors']} tensors, {r['seconds']:.2f} s)"))
 
 
+@app.command()
+def sweep(
+    base: Annotated[str, typer.Argument(help="Base model: a directory or org/name[@rev].")],
+    finetune: Annotated[str, typer.Argument(help="Fine-tune or LoRA adapter: directory or id.")],
+    grid: Annotated[str | None, typer.Option(
+        help="Lambdas to evaluate, e.g. 0.2,0.4,0.5,0.6,0.8 (default from settings).")] = None,
+    method: Annotated[str | None, typer.Option(help="Merge method (default linear).")] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Write the report here (JSON with the raw generations) and its plot (.png).")]
+    = None,
+    config: Annotated[Path | None, typer.Option(help="Settings file (TOML).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Change a setting, e.g. --set evaluate.max_new_tokens=64.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Evaluate the merge at every lambda of a grid, choose the best trade-off, explain it."""
+    from transformers.utils import logging as hf_logging
+
+    from bot.config import load_settings
+    from bot.evaluate.sweep import run_sweep, write_report
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    extra = [f"sweep.grid={grid}"] if grid else []
+    extra += [f"sweep.method={method}"] if method else []
+    settings = load_settings(config, [*(overrides or []), *extra])
+    with _steps("sweep", as_json) as progress:
+        result = run_sweep(base, finetune, settings, progress)
+    out = result.to_dict()
+    if report:
+        json_path, png_path = write_report(result, report)
+        out["report"], out["plot"] = str(json_path), str(png_path)
+    _emit(out, as_json, _print_sweep)
+
+
+def _print_sweep(r: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{r['method']} merge of {r['base']} and {r['finetune']}")
+    for column in ("lambda", "ASR", "over-refusal", "task", "retention"):
+        table.add_column(column, justify="right")
+    chosen = r["selection"]["weight"]
+    for p in [r["base_point"], *r["points"], r["finetune_point"]]:
+        mark = " *" if p["weight"] == chosen else ""
+        table.add_row(f"{p['weight']}{mark}", f"{p['asr']:.2f}", f"{p['over_refusal']:.2f}",
+                      f"{p['task']:.2f}", f"{p['retention']:.2f}")
+    err.print(table)
+    verdict = "publish" if r["selection"]["publish"] else "no publish"
+    err.print(f"{verdict}: {r['selection']['reason']}", markup=False)
+    err.print(f"task: {r['task']}; judge: {r['judge']}; {r['timings']['total_seconds']} s",
+              markup=False)
+    if "report" in r:
+        err.print(f"report: {r['report']}, plot: {r['plot']}", markup=False)
+
+
+@contextmanager
+def _steps(label: str, quiet: bool) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A step progress bar (i of n, what) on stderr, or nothing when quiet or not a terminal."""
+    if quiet or not err.is_terminal:
+        yield None
+        return
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  "{task.completed}/{task.total}", console=err, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total, what: bar.update(task, completed=done, total=total,
+                                                   description=f"{label}: {what}")
+
+
 zoo_app = typer.Typer(no_args_is_help=True, help="The zoo: tiny models built on CPU.")
 app.add_typer(zoo_app, name="zoo")
 

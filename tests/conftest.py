@@ -22,6 +22,18 @@ def load_state(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+ZOO_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "zoo"
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """The zoo, built once into .cache/zoo and reused while its recipe is unchanged:
+    (directory, report)."""
+    from bot.zoo.build import build_zoo
+
+    return ZOO_CACHE, build_zoo(ZOO_CACHE)
+
+
 @pytest.fixture(scope="session")
 def pair(tmp_path_factory):
     """float32 base in one file, fine-tune in five shards."""

@@ -1,9 +1,7 @@
 """The zoo: built once per session into .cache/zoo (reused while the recipe is unchanged)."""
 
 import json
-from pathlib import Path
 
-import pytest
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -13,15 +11,8 @@ from bot.merge.engine import MergeRequest, merge_models
 from bot.zoo import corpus as C
 from bot.zoo.build import Recipe, Zoo, build_zoo, guard_verdict
 
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / "zoo"
 MODELS = ["zoo-base-it", "zoo-ft-flip", "zoo-ft-echo", "zoo-lora-flip", "zoo-ft-newtoken",
           "zoo-guard"]
-
-
-@pytest.fixture(scope="session")
-def zoo():
-    report = build_zoo(CACHE)
-    return CACHE, report
 
 
 def test_report_gives_every_model_its_metrics(zoo):

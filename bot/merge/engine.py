@@ -290,7 +290,7 @@ def copy_aux_files(sources: list[Path], out: Path, dtype: torch.dtype | None) ->
         config.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _generator(seed: int, name: str, device: str) -> torch.Generator:
+def tensor_generator(seed: int, name: str, device: str) -> torch.Generator:
     """A generator per tensor, so a tensor's random mask does not depend on tensor order."""
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
@@ -370,7 +370,7 @@ def _merge_chunk(chunk: Chunk, b: torch.Tensor | None, f: torch.Tensor, req: Mer
     method = METHODS[req.method]
     if method.seeded:  # seeded methods are not elementwise: one chunk per tensor
         params = MergeParams(params.weight, params.density,
-                             _generator(req.seed, chunk.job.name, req.device))
+                             tensor_generator(req.seed, chunk.job.name, req.device))
     b, f = b.to(req.device), f.to(req.device)
     if not (method.float32_inside and b.dtype == f.dtype == dtype):
         b, f = b.float(), f.float()
