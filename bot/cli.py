@@ -177,6 +177,42 @@ def _steps(label: str, quiet: bool) -> Iterator[Callable[[int, int, str], None] 
                                                    description=f"{label}: {what}")
 
 
+hub_app = typer.Typer(no_args_is_help=True, help="The local Hub-compatible server.")
+app.add_typer(hub_app, name="hub")
+
+
+@hub_app.command("serve")
+def hub_serve(
+    directory: Annotated[Path, typer.Argument(help="Where the hub keeps its repos (reused).")],
+    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one).")] = 0,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    users: Annotated[list[str] | None, typer.Option(
+        "--user", help="Add a user: NAME:TOKEN[:ORG1,ORG2] (repeatable).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Serve DIR as a Hub API (HF_ENDPOINT=URL; uploads need HF_HUB_DISABLE_XET=1) until Ctrl-C."""
+    from bot.errors import UsageError
+    from bot.localhub import LocalHub
+
+    hub = LocalHub(directory)
+    for spec in users or []:
+        name, _, rest = spec.partition(":")
+        token, _, orgs = rest.partition(":")
+        if not name or not token:
+            raise UsageError(f"--user wants NAME:TOKEN[:ORG1,ORG2], not {spec!r}")
+        hub.add_user(name, token, [o for o in orgs.split(",") if o])
+    hub.start(port, host)
+    if as_json:
+        print(json.dumps({"url": hub.url, "directory": str(directory)}), flush=True)
+    err.print(f"local hub serving {directory} at {hub.url} (Ctrl-C stops it)", markup=False)
+    try:
+        hub.wait()
+    except KeyboardInterrupt:
+        err.print("local hub stopped", markup=False)
+    finally:
+        hub.stop()
+
+
 zoo_app = typer.Typer(no_args_is_help=True, help="The zoo: tiny models built on CPU.")
 app.add_typer(zoo_app, name="zoo")
 
@@ -210,6 +246,81 @@ def zoo_build(
                 err.print(f"      lambda {point['weight']}: {point}")
 
     _emit(report, as_json, human)
+
+
+@app.command()
+def run(
+    once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit.")] = False,
+    discover_only: Annotated[bool, typer.Option(
+        "--discover-only", help="Only find and record candidates; process nothing.")] = False,
+    workdir: Annotated[Path, typer.Option(help="Where the ledger, reports and feed live.")]
+    = Path("safeguard-work"),
+    config: Annotated[Path | None, typer.Option(help="Settings file (TOML).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Change a setting, e.g. --set watch.bases=org/base-it.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """One watch cycle: find new fine-tunes of the watched bases, process, publish, feed.
+
+    The Hub is HF_ENDPOINT (the local hub in tests and the demo); the token is HF_TOKEN.
+    """
+    from bot.config import load_settings
+    from bot.pipeline import run_once
+
+    if not once:
+        raise typer.BadParameter("give --once (the daemon is `safeguard-bot watch`)")
+    _quiet_libraries()
+    result = run_once(load_settings(config, overrides or []), workdir, discover_only,
+                      log=(lambda _: None) if as_json else (lambda m: err.print(m)))
+    _emit(result, as_json, _print_cycle)
+
+
+@app.command()
+def process(
+    ref: Annotated[str, typer.Argument(help="The fine-tune: org/name[@revision].")],
+    workdir: Annotated[Path, typer.Option(help="Where the ledger, reports and feed live.")]
+    = Path("safeguard-work"),
+    config: Annotated[Path | None, typer.Option(help="Settings file (TOML).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Change a setting.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """One candidate end to end: checks, sweep, merge, publish, feed, ledger."""
+    from bot.config import load_settings
+    from bot.pipeline import process_one
+
+    _quiet_libraries()
+    result = process_one(ref, load_settings(config, overrides or []), workdir,
+                         log=(lambda _: None) if as_json else (lambda m: err.print(m)))
+    _emit(result, as_json, lambda r: err.print(_outcome_line(r), markup=False))
+
+
+def _quiet_libraries() -> None:
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    disable_progress_bars()
+
+
+def _outcome_line(r: dict) -> str:
+    line = f"{r['repo']}@{r['revision'][:8]}: {r['status']}"
+    if "decision" in r:
+        line += f" ({r['decision']})"
+    line += f": {r.get('reason', '')}"
+    links = r.get("links") or {}
+    return line + "".join(f"\n    {k}: {v}" for k, v in links.items())
+
+
+def _print_cycle(r: dict) -> None:
+    err.print(f"{len(r['candidates'])} new candidate(s), {len(r['skips'])} skipped, "
+              f"{r['already_seen']} already seen, {r['deferred']} deferred; "
+              f"{len(r['processed'])} processed ({r['seconds']} s)", markup=False)
+    for s in r["skips"]:
+        err.print(f"  skip {s['repo']}@{s['revision'][:8]}: {s['reason']}", markup=False)
+    for p in r["processed"]:
+        err.print("  " + _outcome_line(p), markup=False)
 
 
 @app.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,7 @@ class EvaluateSettings(_Section):
     # task quality: a JSONL of prompt/answer (exact match), lm-eval tasks, or (neither) the
     # fine-tune's own answers to `self_prompts` (see bot/evaluate/task.py)
     task_file: str | None = None
+    task_files: dict[str, str] = {}  # per fine-tune repo: its task file (overrides task_file)
     lm_eval_tasks: list[str] = []
     lm_eval_include_path: str | None = None
     lm_eval_limit: int | None = Field(None, ge=1)
@@ -69,10 +71,55 @@ class PolicySettings(_Section):
     min_asr_drop: float = 0.10  # the chosen merge must lower ASR this much below the fine-tune's
 
 
+# the safety-aligned instruct models of the paper (BACKGROUND.md)
+PAPER_BASES = [
+    "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
+    "google/gemma-2-2b-it", "google/gemma-2-9b-it", "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-7B-Instruct",
+]
+
+
+class WatchSettings(_Section):
+    """What discovery looks for on the Hub, and what it skips."""
+
+    bases: list[str] = PAPER_BASES
+    relations: list[Literal["finetune", "adapter"]] = ["finetune", "adapter"]
+    opt_in_tag: str = "safeguard"  # owners who want a pull request tag their repo with it
+    max_candidates: int = Field(20, ge=1)  # new candidates per cycle (the rest wait)
+    scan_per_base: int = Field(200, ge=1)  # newest repos looked at per base and relation
+    max_model_gb: float = Field(20.0, gt=0)  # larger fine-tunes are skipped
+    # licenses whose terms forbid derivatives (SPDX-style ids as the Hub writes them)
+    no_derivatives_licenses: list[str] = ["cc-by-nd-4.0", "cc-by-nc-nd-4.0", "cc-by-nd-3.0",
+                                          "cc-by-nc-nd-3.0"]
+
+
+class PublishSettings(_Section):
+    """Where results go."""
+
+    # repos without the opt-in tag: a -safeguarded variant, only the results feed, or nothing
+    unopted: Literal["variant", "feed-only", "skip"] = "variant"
+    variant_owner: str | None = None  # where variants go (default: the token's account)
+    # variants are published only for licenses that allow redistributing derivatives; others
+    # go to the feed only
+    variant_licenses: list[str] = [
+        "apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0",
+        "openrail", "creativeml-openrail-m", "llama3", "llama3.1", "llama3.2", "gemma",
+        "qwen"]
+    feed_repo: str | None = None  # the results dataset (default: <variant owner>/safeguard-results)
+    feed_dir: str | None = None  # local feed files (default: <workdir>/feed)
+
+
+class LedgerSettings(_Section):
+    url: str | None = None  # a SQLAlchemy URL; None: ledger.sqlite in the work dir
+
+
 class Settings(_Section):
     evaluate: EvaluateSettings = EvaluateSettings()
     sweep: SweepSettings = SweepSettings()
     policy: PolicySettings = PolicySettings()
+    watch: WatchSettings = WatchSettings()
+    publish: PublishSettings = PublishSettings()
+    ledger: LedgerSettings = LedgerSettings()
 
 
 def load_settings(path: Path | None = None, overrides: list[str] | None = None) -> Settings:
@@ -92,7 +139,12 @@ def load_settings(path: Path | None = None, overrides: list[str] | None = None) 
         if not sep or not dot or section not in Settings.model_fields:
             raise UsageError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of "
                              f"{', '.join(Settings.model_fields)}")
-        data.setdefault(section, {})[name] = _parse_value(value)
+        value = _parse_value(value)
+        field = Settings.model_fields[section].annotation.model_fields.get(name)
+        if field is not None and typing.get_origin(field.annotation) is list \
+                and not isinstance(value, list):
+            value = [value]  # one item for a list setting: --set watch.bases=org/base
+        data.setdefault(section, {})[name] = value
     try:
         return Settings.model_validate(data)
     except ValidationError as e:

@@ -55,3 +55,9 @@ class OutputExistsError(SafeguardError):
     """The output path exists and overwriting was not asked for."""
 
     exit_code = 8
+
+
+class LedgerError(SafeguardError):
+    """The ledger cannot be opened or written, or a claim on an entry was lost."""
+
+    exit_code = 9

@@ -49,3 +49,65 @@ def bf16_pair(tmp_path_factory):
 
     return random_pair(tmp_path_factory.mktemp("bf16"), tiny_config(hidden=96, intermediate=192),
                        seed=1, dtype=torch.bfloat16, base_shards="100KB", ft_shards="200KB")
+
+
+def _loopback_only(request) -> None:
+    """httpx request hook: let huggingface_hub reach 127.0.0.1 only (the local hub)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if request.url.host not in ("127.0.0.1", "localhost", "::1"):
+        raise OfflineModeIsEnabled(f"Cannot reach {request.url}: the tests only reach the local "
+                                   "hub on 127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def localhub(tmp_path_factory):
+    """A LocalHub (bot/localhub) serving a fresh directory on a free 127.0.0.1 port.
+
+    Users: `alice` (token `hf_alice_token`, member of the org `safeguard`) and `bob` (token
+    `hf_bob_token`). Use it with `HfApi(endpoint=localhub.url, token="hf_alice_token")`, or
+    set HF_ENDPOINT to `localhub.url` (bot/hub.py reads it at each call); for a subprocess,
+    pass `{**os.environ, **localhub.env("hf_alice_token")}` as its environment. The hub is
+    shared by the whole session: give your repos names of your own.
+
+    Offline mode: this conftest sets HF_HUB_OFFLINE=1, which huggingface_hub reads once at
+    import into `huggingface_hub.constants.HF_HUB_OFFLINE`; with it every request fails before
+    it is sent. For the rest of the session this fixture sets that constant to False and
+    installs an HTTP client whose first hook refuses every host but 127.0.0.1, so the tests
+    still cannot reach huggingface.co (they fail at once with OfflineModeIsEnabled) but reach
+    the local hub. Xet is not supported by the local hub, so `constants.HF_HUB_DISABLE_XET`
+    (also read at import) is set to True and HF_HUB_DISABLE_XET=1 exported. Everything is
+    restored when the session ends. The environment variable HF_HUB_OFFLINE stays "1" for
+    subprocesses; `localhub.env()` overrides it.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils._http import default_client_factory
+
+    from bot.localhub import LocalHub
+
+    def client_factory():
+        client = default_client_factory()
+        client.event_hooks = {"request": [_loopback_only, *client.event_hooks["request"]],
+                              "response": client.event_hooks["response"]}
+        return client
+
+    saved = (constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET,
+             os.environ.get("HF_HUB_DISABLE_XET"))
+    constants.HF_HUB_OFFLINE = False
+    constants.HF_HUB_DISABLE_XET = True
+    os.environ["HF_HUB_DISABLE_XET"] = "1"
+    huggingface_hub.set_client_factory(client_factory)
+    hub = LocalHub(tmp_path_factory.mktemp("localhub")).start(port=0)
+    hub.add_user("alice", "hf_alice_token", orgs=["safeguard"])
+    hub.add_user("bob", "hf_bob_token")
+    try:
+        yield hub
+    finally:
+        hub.stop()
+        huggingface_hub.set_client_factory(default_client_factory)
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = saved[:2]
+        if saved[2] is None:
+            os.environ.pop("HF_HUB_DISABLE_XET", None)
+        else:
+            os.environ["HF_HUB_DISABLE_XET"] = saved[2]

@@ -1,0 +1,149 @@
+"""The leaderboard feed: one record per evaluated candidate, published or not.
+
+Records go to a dataset repo on the Hub (`<org>/safeguard-results`, `results.jsonl`, appended
+with parent_commit and retried on conflict, so concurrent runners lose nothing; bot/hub.py) and
+to local files: `results.jsonl` (appended), `feed.atom` and `leaderboard.html` (regenerated
+from all records). Every string from outside is escaped by the XML writer or by Jinja's HTML
+autoescape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+RESULTS_FILE = "results.jsonl"
+COLUMNS = [("repo", "fine-tune"), ("base", "base"), ("decision", "decision"),
+           ("weight", "lambda"), ("asr_finetune", "ASR fine-tune"),
+           ("asr_merged", "ASR merged"), ("asr_base", "ASR base"),
+           ("over_refusal_merged", "over-refusal"), ("retention", "task retention"),
+           ("time", "time")]
+
+
+@dataclass(frozen=True)
+class FeedRecord:
+    repo: str
+    revision: str
+    base: str
+    decision: str  # pull-request | variant | feed-only | no-publish | skipped | failed
+    reason: str
+    method: str | None = None
+    weight: float | None = None
+    asr_base: float | None = None
+    asr_finetune: float | None = None
+    asr_merged: float | None = None
+    over_refusal_base: float | None = None
+    over_refusal_merged: float | None = None
+    task_base: float | None = None
+    task_finetune: float | None = None
+    task_merged: float | None = None
+    retention: float | None = None
+    links: dict[str, str] = field(default_factory=dict)
+    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def record(repo: str, revision: str, base: str, decision: str, reason: str, report=None,
+           links: dict[str, str] | None = None) -> FeedRecord:
+    """A record from a sweep report (or none, for skips and failures)."""
+    if report is None:
+        return FeedRecord(repo, revision, base, decision, reason, links=links or {})
+    chosen = next((p for p in report.points if p.weight == report.selection.weight), None)
+    return FeedRecord(
+        repo, revision, base, decision, reason, method=report.method,
+        weight=report.selection.weight, asr_base=report.base_point.asr,
+        asr_finetune=report.finetune_point.asr, asr_merged=chosen.asr if chosen else None,
+        over_refusal_base=report.base_point.over_refusal,
+        over_refusal_merged=chosen.over_refusal if chosen else None,
+        task_base=report.base_point.task, task_finetune=report.finetune_point.task,
+        task_merged=chosen.task if chosen else None,
+        retention=chosen.retention if chosen else None, links=links or {})
+
+
+def push(records: list[FeedRecord], dataset_repo: str) -> str:
+    """Append the records to the Hub dataset's results.jsonl; the commit's sha."""
+    from bot import hub
+
+    return hub.append_lines(dataset_repo, RESULTS_FILE, [r.to_json() for r in records],
+                            f"safeguard-bot: {len(records)} result(s)")
+
+
+def write_local(records: list[FeedRecord], directory: Path) -> dict[str, Path]:
+    """Append to directory/results.jsonl, then regenerate the Atom feed and the leaderboard."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    results = directory / RESULTS_FILE
+    with results.open("a", encoding="utf-8") as f:
+        f.writelines(r.to_json() + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    rows = read_local(directory)
+    return {"results": results, "atom": _write(directory / "feed.atom", atom(rows)),
+            "leaderboard": _write(directory / "leaderboard.html", leaderboard(rows))}
+
+
+def read_local(directory: Path) -> list[dict]:
+    path = Path(directory) / RESULTS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def atom(rows: list[dict], feed_id: str = "urn:safeguard-bot:results") -> str:
+    """An Atom feed, newest first (the XML writer escapes every value)."""
+    ns = "http://www.w3.org/2005/Atom"
+    ET.register_namespace("", ns)
+    feed = ET.Element(f"{{{ns}}}feed")
+    ET.SubElement(feed, f"{{{ns}}}title").text = "safeguard-bot results"
+    ET.SubElement(feed, f"{{{ns}}}id").text = feed_id
+    newest = max((r["time"] for r in rows), default=datetime.now(UTC).isoformat())
+    ET.SubElement(feed, f"{{{ns}}}updated").text = newest
+    for r in sorted(rows, key=lambda r: r["time"], reverse=True):
+        entry = ET.SubElement(feed, f"{{{ns}}}entry")
+        ET.SubElement(entry, f"{{{ns}}}title").text = f"{r['repo']}: {r['decision']}"
+        ET.SubElement(entry, f"{{{ns}}}id").text = f"{feed_id}:{r['repo']}@{r['revision']}"
+        ET.SubElement(entry, f"{{{ns}}}updated").text = r["time"]
+        ET.SubElement(entry, f"{{{ns}}}summary").text = r["reason"]
+        for rel, href in sorted(r.get("links", {}).items()):
+            if not (isinstance(href, str) and href.startswith(("https://", "http://"))):
+                continue
+            ET.SubElement(entry, f"{{{ns}}}link", {"rel": "related", "title": rel,
+                                                   "href": href})
+    return ET.tostring(feed, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def leaderboard(rows: list[dict]) -> str:
+    """A static HTML page, a table sortable by any column (bot/templates/leaderboard.html.j2)."""
+    from bot.publish.templates import render
+
+    latest: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["time"]):
+        latest[r["repo"]] = r  # the newest record per repo
+    ordered = sorted(latest.values(), key=lambda r: (r.get("asr_merged") is None,
+                                                     r.get("asr_merged") or 0))
+    table = [{"cells": ["" if r.get(key) is None else r[key] for key, _ in COLUMNS],
+              "href": _safe_link(r.get("links", {}))} for r in ordered]
+    return render("leaderboard.html.j2", headers=[h for _, h in COLUMNS], rows=table,
+                  generated=datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def _safe_link(links: dict) -> str | None:
+    """The record's pull request or variant link, only if it is plain http(s)."""
+    for key in ("pull_request", "variant", "repo"):
+        href = links.get(key)
+        if isinstance(href, str) and href.startswith(("https://", "http://")):
+            return href
+    return None
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,84 @@
+"""Publishing one merge: a pull request for an opted-in owner, else a -safeguarded variant.
+
+Each publication is one commit (the Hub applies a commit whole or not at all), so nothing is
+half-published if the process dies. Never a second pull request for one revision: the ledger
+says whether this revision was published, and the repo's open pull requests by the bot are
+checked for the revision's marker in their title.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bot import __version__, hub
+from bot.config import Settings
+from bot.publish import card as cards
+
+PLOT_FILE = "sweep.png"
+
+
+@dataclass(frozen=True)
+class Publication:
+    decision: str  # pull-request | variant | feed-only | no-publish
+    reason: str
+    links: dict[str, str] = field(default_factory=dict)
+
+
+def revision_marker(revision: str) -> str:
+    return f"@{revision[:8]}"
+
+
+def publish(candidate, report, merged: Path | None, plot: Path | None,
+            settings: Settings) -> Publication:
+    """Publish the selected merge of `candidate` (a watch.Candidate) as config says."""
+    if not report.selection.publish or merged is None:
+        return Publication("no-publish", report.selection.reason)
+    action = candidate.action
+    license_id = (candidate.license or "").lower() or None
+    if action == "variant" and license_id not in settings.publish.variant_licenses:
+        return Publication("feed-only", f"license {license_id or 'unknown'} is not in "
+                                        "publish.variant_licenses, so no variant is published")
+    if action == "feed-only":
+        return Publication("feed-only", "not opted in; publish.unopted is feed-only")
+    base_revision = _base_revision(candidate.base)
+    common = {"base_repo": candidate.base, "base_revision": base_revision,
+              "finetune_repo": candidate.repo, "finetune_revision": candidate.revision,
+              "bot_version": __version__}
+    files: dict[str, Path | bytes] = {p.name: p for p in sorted(merged.iterdir())
+                                      if p.is_file() and p.name != "README.md"}
+    if plot is not None:
+        files[PLOT_FILE] = plot
+    if action == "pull-request":
+        return _pull_request(candidate, report, files, common, settings)
+    owner = settings.publish.variant_owner or hub.whoami()
+    repo = f"{owner}/{candidate.repo.split('/')[-1]}-safeguarded"
+    files["README.md"] = cards.model_card(report, license_id=candidate.license,
+                                          plot_file=PLOT_FILE, **common).encode()
+    url = hub.publish_repo(repo, files, f"safeguard-bot: {candidate.repo}"
+                           f"{revision_marker(candidate.revision)} merged with its base")
+    return Publication("variant", report.selection.reason,
+                       {"variant": f"{hub.endpoint()}/{repo}", "commit": url})
+
+
+def _pull_request(candidate, report, files, common, settings) -> Publication:
+    me = hub.whoami()
+    marker = revision_marker(candidate.revision)
+    for number, title in hub.open_pull_requests_by(candidate.repo, me):
+        if marker in title:
+            return Publication("pull-request", f"a pull request for this revision is already "
+                                               f"open (#{number})",
+                               {"pull_request": f"{hub.endpoint()}/{candidate.repo}/"
+                                                f"discussions/{number}"})
+    existing = hub.read_text(candidate.repo, "README.md", candidate.revision) or ""
+    section = cards.card_section(report, **common)
+    files["README.md"] = cards.merge_card(existing, section).encode()
+    title, description = cards.pull_request_text(report, opt_in_tag=settings.watch.opt_in_tag,
+                                                 **common)
+    number, url = hub.open_pull_request(candidate.repo, files, f"{title} {marker}",
+                                        description, parent_commit=candidate.revision)
+    return Publication("pull-request", report.selection.reason, {"pull_request": url})
+
+
+def _base_revision(base: str) -> str:
+    return hub.model_info(base).sha or "main"

@@ -1,0 +1,200 @@
+"""Discovery: new fine-tunes and adapters of the watched bases, as candidates or skips.
+
+For each watched base and relation (finetune, adapter), the newest repos that declare the base
+(`base_model:<relation>:<base>` tags, which the Hub derives from model cards) are examined once
+per revision. A repo that cannot or should not be merged is a Skip with a reason a person
+understands; nothing here raises for a bad repo. Card text is never trusted: only the Hub's
+derived tags, the file list and the JSON configs are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from bot import hub
+from bot.config import Settings
+from bot.errors import HubError, InputNotFoundError
+
+QUANTIZED_FILES = (".gguf", ".ggml")
+PICKLE_FILES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A fine-tune (or adapter) worth processing at this revision."""
+
+    repo: str
+    revision: str
+    base: str
+    kind: str  # model | adapter
+    action: str  # pull-request (opted in) | variant | feed-only
+    size_bytes: int
+    license: str | None
+    last_modified: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Skip:
+    repo: str
+    revision: str
+    base: str
+    kind: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Discovery:
+    candidates: list[Candidate]
+    skips: list[Skip]
+    already_seen: int  # repos at a revision the ledger knows
+    deferred: int  # new candidates past the cycle's limit (found again next cycle)
+
+    def to_dict(self) -> dict:
+        return {"candidates": [c.to_dict() for c in self.candidates],
+                "skips": [s.to_dict() for s in self.skips],
+                "already_seen": self.already_seen, "deferred": self.deferred}
+
+
+def discover(settings: Settings, seen=lambda repo, revision: False) -> Discovery:
+    """Examine the newest fine-tunes of every watched base; `seen(repo, sha)` is the ledger."""
+    w = settings.watch
+    candidates: list[Candidate] = []
+    skips: list[Skip] = []
+    already, deferred, examined = 0, 0, set()
+    base_configs: dict[str, dict | None] = {}
+    for base in w.bases:
+        for relation in w.relations:
+            for info in hub.list_finetunes(base, relation, w.scan_per_base):
+                sha = info.sha or ""
+                if (info.id, sha) in examined:
+                    continue
+                examined.add((info.id, sha))
+                if seen(info.id, sha):
+                    already += 1
+                    continue
+                if len(candidates) >= w.max_candidates:
+                    deferred += 1
+                    continue
+                if base not in base_configs:
+                    base_configs[base] = _base_config(base)
+                found = examine(info, base, relation, base_configs[base], settings)
+                (candidates if isinstance(found, Candidate) else skips).append(found)
+    return Discovery(candidates, skips, already, deferred)
+
+
+def _base_config(base: str) -> dict | None:
+    try:
+        return hub.read_json(base, "config.json")
+    except (HubError, InputNotFoundError):
+        return None
+
+
+def examine(info, base: str, relation: str, base_config: dict | None,
+            settings: Settings) -> Candidate | Skip:
+    """Decide one repo at one revision (the listing's info; details fetched here)."""
+    w, repo = settings.watch, info.id
+    kind = "adapter" if relation == "adapter" else "model"
+
+    def skip(reason: str) -> Skip:
+        return Skip(repo, info.sha or "", base, kind, reason)
+
+    if getattr(info, "gated", False) and not _can_read(repo, info.sha):
+        return skip("gated, and this token has no access")
+    try:
+        detail = hub.model_info(repo, revision=info.sha)
+    except (HubError, InputNotFoundError) as e:
+        return skip(f"could not read the repo: {e}")
+    files = {s.rfilename: (s.size or 0) for s in detail.siblings or []}
+    names = [f.lower() for f in files]
+    if "adapter_config.json" in files:
+        kind = "adapter"
+    tags = set(detail.tags or [])
+    weights = [f for f in files if f.endswith(".safetensors")]
+    if not weights:
+        if any(n.endswith(QUANTIZED_FILES) for n in names):
+            return skip("quantized (GGUF), no full-precision safetensors weights")
+        if any(n.endswith(PICKLE_FILES) for n in names):
+            return skip("only pickle weights (.bin/.pt), which the bot never loads")
+        return skip("no weights in safetensors format")
+    if f"base_model:quantized:{base}" in tags:
+        return skip("quantized (declared base_model_relation: quantized)")
+    license_id = _license(detail)
+    if license_id and license_id.lower() in w.no_derivatives_licenses:
+        return skip(f"license {license_id} forbids derivatives")
+    size = sum(files[f] for f in weights)
+    if size > w.max_model_gb * 1e9:
+        return skip(f"larger than the size limit ({size / 1e9:.1f} GB > {w.max_model_gb} GB)")
+    config_name = "adapter_config.json" if kind == "adapter" else "config.json"
+    try:
+        config = hub.read_json(repo, config_name, revision=info.sha)
+    except (HubError, InputNotFoundError) as e:
+        return skip(f"could not read {config_name}: {e}")
+    if config is None:
+        return skip(f"no {config_name}")
+    if kind == "model":
+        if "auto_map" in config:
+            return skip("needs remote code (auto_map in config.json), which the bot never runs")
+        quant = config.get("quantization_config")
+        if isinstance(quant, dict):
+            return skip(f"quantized ({quant.get('quant_method', 'quantization_config')})")
+        reason = _architecture_differs(config, base_config)
+        if reason:
+            return skip(reason)
+    opted_in = settings.watch.opt_in_tag in tags
+    action = "pull-request" if opted_in else settings.publish.unopted
+    if action == "skip":
+        return skip(f"not opted in (no '{settings.watch.opt_in_tag}' tag) and publish.unopted "
+                    "is skip")
+    modified = getattr(detail, "last_modified", None)
+    return Candidate(repo, detail.sha or info.sha or "", base, kind, action, size, license_id,
+                     modified.isoformat() if modified else None)
+
+
+def _can_read(repo: str, revision: str | None) -> bool:
+    try:
+        hub.read_json(repo, "config.json", revision=revision)
+        return True
+    except (HubError, InputNotFoundError):
+        return False
+
+
+def _license(detail) -> str | None:
+    card = getattr(detail, "card_data", None)
+    value = card.get("license") if card is not None else None
+    if isinstance(value, str):
+        return value
+    tag = next((t for t in detail.tags or [] if t.startswith("license:")), None)
+    return tag.removeprefix("license:") if tag else None
+
+
+def _architecture_differs(config: dict, base_config: dict | None) -> str | None:
+    if base_config is None:
+        return None
+    for key in ("model_type", "architectures"):
+        if key in config and key in base_config and config[key] != base_config[key]:
+            return f"architecture differs from the base ({key} {config[key]} vs " \
+                   f"{base_config[key]})"
+    for key in ("hidden_size", "num_hidden_layers"):
+        if key in config and key in base_config and config[key] != base_config[key]:
+            return f"shape differs from the base ({key} {config[key]} vs {base_config[key]})"
+    return None
+
+
+def candidate_for(repo: str, revision: str | None, settings: Settings) -> Candidate | Skip:
+    """One repo at one revision (default: its head), judged as discovery would; its base is
+    the one its card declares (the Hub's base_model:finetune:/adapter: tag)."""
+    info = hub.model_info(repo, revision)
+    for relation in ("finetune", "adapter"):
+        prefix = f"base_model:{relation}:"
+        base = next((t.removeprefix(prefix) for t in info.tags or [] if t.startswith(prefix)),
+                    None)
+        if base:
+            return examine(info, base, relation, _base_config(base), settings)
+    return Skip(repo, info.sha or "", "", "model",
+                "its card declares no base model (base_model: in the README metadata)")

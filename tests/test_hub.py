@@ -1,0 +1,78 @@
+"""hub.py: retries on 429/5xx honouring Retry-After, clear errors, over real HTTP on loopback."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from bot import hub
+from bot.errors import HubError, InputNotFoundError
+
+
+class Flaky(BaseHTTPRequestHandler):
+    """Answers each GET with the next (status, headers) of the server's script, then 200."""
+
+    def do_GET(self):  # noqa: N802
+        script = self.server.script
+        status, headers = script.pop(0) if script else (200, {})
+        self.server.seen.append(self.path)
+        body = json.dumps({"id": "org/model", "sha": "a" * 40, "siblings": []} if status == 200
+                          else {"error": f"status {status}"}).encode()
+        self.send_response(status)
+        for k, v in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    server.script, server.seen = [], []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    yield server
+    server.shutdown()
+
+
+def test_retries_429_and_5xx_honouring_retry_after(flaky, monkeypatch):
+    waits = []
+    monkeypatch.setattr(hub.time, "sleep", waits.append)
+    flaky.script[:] = [(429, {"Retry-After": "7"}), (503, {}), (502, {})]
+    info = hub.model_info("org/model")
+    assert info.sha == "a" * 40
+    assert waits == [7.0, 2.0, 4.0]  # Retry-After, then backoff 2**(attempt-1)
+    assert len(flaky.seen) == 4
+
+
+def test_gives_up_after_the_last_attempt(flaky, monkeypatch):
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
+    flaky.script[:] = [(500, {})] * hub.MAX_ATTEMPTS
+    with pytest.raises(HubError, match="answered 500"):
+        hub.model_info("org/model")
+    assert len(flaky.seen) == hub.MAX_ATTEMPTS
+
+
+@pytest.mark.parametrize("status, error, message", [
+    (401, HubError, "HF_TOKEN"), (403, HubError, "HF_TOKEN"),
+    (404, InputNotFoundError, "not found")])
+def test_clear_errors_without_retrying(flaky, monkeypatch, status, error, message):
+    monkeypatch.setattr(hub.time, "sleep", lambda s: pytest.fail("no retry expected"))
+    flaky.script[:] = [(status, {})]
+    with pytest.raises(error, match=message):
+        hub.model_info("org/model")
+    assert len(flaky.seen) == 1
+
+
+def test_the_token_is_never_in_an_error(flaky, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+    flaky.script[:] = [(401, {})]
+    with pytest.raises(HubError) as e:
+        hub.model_info("org/model")
+    assert "hf_secret_value_123" not in str(e.value)
