@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,29 +83,46 @@ def merge(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path | None, typer.Option(help="Where to write (default: a temp dir).")]
-    = None,
+    workdir: Annotated[Path, typer.Option(help="Where the hub, ledger, reports and feed go.")]
+    = Path("safeguard-demo"),
+    zoo: Annotated[Path | None, typer.Option(
+        help="Zoo directory (default WORKDIR/zoo; built once, then reused).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """The embedded default, for now: build a tiny random base and fine-tune, merge them.
+    """The embedded default: zoo, local hub, seeded fine-tunes and decoys, one watch cycle.
 
-    It shows the merge engine on real HF-layout models with no network. The full demo (local
-    hub, trained zoo, one watch cycle) replaces this as the later stages land.
+    No network: the Hub is bot/localhub on 127.0.0.1. A second run finds nothing new.
     """
-    from transformers.utils import logging as hf_logging
+    from bot.demo import run_demo
 
-    from bot.merge.engine import MergeRequest, merge_models
-    from bot.zoo.random_models import random_pair
+    _quiet_libraries()
+    result = run_demo(workdir, zoo, log=(lambda _: None) if as_json else
+                      (lambda m: err.print(m, markup=False, highlight=False)))
+    _emit(result, as_json, _print_demo)
 
-    hf_logging.disable_progress_bar()
-    root = workdir or Path(tempfile.mkdtemp(prefix="safeguard-demo-"))
-    base, ft = random_pair(root / "models", base_shards="5GB", ft_shards="100KB")
-    out = root / "merged-linear-0.5"
-    req = MergeRequest(str(base), str(ft), out, weight=0.5, overwrite=True)
-    result = merge_models(req, quiet=as_json).to_dict()
-    _emit(result, as_json, lambda r: err.print(
-        f"demo: random tiny base {base} and fine-tune {ft} (sharded) merged with linear, "
-        f"lambda 0.5 -> {r['out']} ({r['merged_tensors']} tensors, {r['seconds']:.2f} s)"))
+
+def _print_demo(r: dict) -> None:
+    from rich.table import Table
+
+    _print_cycle(r)
+    table = Table(title="merged and published")
+    for column in ("fine-tune", "decision", "lambda", "ASR before", "ASR after", "retention",
+                   "link"):
+        table.add_column(column)
+    for p in r["processed"]:
+        if "asr" not in p:
+            continue
+        link = next(iter((p.get("links") or {}).values()), "")
+        table.add_row(p["repo"], p["decision"], str(p["selection"]["weight"]),
+                      f"{p['asr']['finetune']:.2f}",
+                      "" if p["asr"]["merged"] is None else f"{p['asr']['merged']:.2f}",
+                      "" if p["retention"] is None else f"{p['retention']:.2f}", link)
+    if table.rows:
+        err.print(table)
+    err.print(f"demo done in {r['total_seconds']} s; browse the hub with `safeguard-bot hub "
+              f"serve {r['hub']}`; run the demo again and nothing new is published.",
+              markup=False)
+
 
 
 @app.command()

@@ -111,6 +111,8 @@ class PublishSettings(_Section):
 
 class LedgerSettings(_Section):
     url: str | None = None  # a SQLAlchemy URL; None: ledger.sqlite in the work dir
+    max_attempts: int = Field(3, ge=1)  # a candidate that fails this often stays failed
+    lease_seconds: float = Field(3600, gt=0)  # a claim older than this (a killed run) expires
 
 
 class Settings(_Section):

@@ -187,11 +187,15 @@ def _operations(files: dict[str, Path | bytes]) -> list:
 
 
 def open_pull_request(repo: str, files: dict[str, Path | bytes], title: str, description: str,
-                      parent_commit: str | None = None) -> tuple[int, str]:
-    """One commit on a new pull request of `repo` (branched from `parent_commit` when given);
-    returns (number, url)."""
+                      parent_commit: str | None = None,
+                      delete: list[str] = ()) -> tuple[int, str]:
+    """One commit on a new pull request of `repo` (branched from `parent_commit` when given)
+    that adds `files` and deletes the paths in `delete`; returns (number, url)."""
+    from huggingface_hub import CommitOperationDelete
+
+    operations = _operations(files) + [CommitOperationDelete(path_in_repo=p) for p in delete]
     info = with_retries(lambda: api().create_commit(
-        repo, _operations(files), commit_message=title, commit_description=description,
+        repo, operations, commit_message=title, commit_description=description,
         create_pr=True, parent_commit=parent_commit), f"opening a pull request on {repo}")
     return int(info.pr_num), str(info.pr_url)
 

@@ -27,15 +27,19 @@ def open_ledger(settings: Settings, workdir: Path):
     from bot.ledger import Ledger
 
     workdir.mkdir(parents=True, exist_ok=True)
-    return Ledger(settings.ledger.url or workdir / "ledger.sqlite")
+    return Ledger(settings.ledger.url or workdir / "ledger.sqlite",
+                  max_attempts=settings.ledger.max_attempts,
+                  lease_seconds=settings.ledger.lease_seconds)
 
 
 class Timer:
-    def __init__(self) -> None:
+    def __init__(self, announce: Log = lambda _: None) -> None:
         self.seconds: dict[str, float] = {}
+        self.announce = announce
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
+        self.announce(name)
         started = time.perf_counter()
         try:
             yield
@@ -68,7 +72,8 @@ def run_once(settings: Settings, workdir: Path, discover_only: bool = False,
             if entry is None:
                 break
             log(f"processing {entry.repo}@{entry.revision[:8]}")
-            result["processed"].append(_process_entry(ledger, entry, settings, workdir))
+            result["processed"].append(_process_entry(ledger, entry, settings, workdir,
+                                                       log=log))
     finally:
         ledger.close()
     result["seconds"] = round(time.perf_counter() - started, 3)
@@ -96,20 +101,20 @@ def process_one(ref: str, settings: Settings, workdir: Path, log: Log = lambda _
             return {"repo": found.repo, "revision": found.revision, "status": "unclaimable",
                     "reason": "another worker holds it, or it ran out of attempts"}
         log(f"processing {found.repo}@{found.revision[:8]}")
-        return _process_entry(ledger, entry, settings, workdir, found)
+        return _process_entry(ledger, entry, settings, workdir, found, log)
     finally:
         ledger.close()
 
 
 def _process_entry(ledger, entry, settings: Settings, workdir: Path,
-                   candidate: Candidate | None = None) -> dict:
+                   candidate: Candidate | None = None, log: Log = lambda _: None) -> dict:
     """Process a claimed entry; the ledger ends published, skipped or failed (retryable)."""
     try:
         candidate = candidate or candidate_for(entry.repo, entry.revision, settings)
         if isinstance(candidate, Skip):
             ledger.finish(entry, "skipped", candidate.reason)
             return {**candidate.to_dict(), "status": "skipped"}
-        outcome = process(candidate, settings, workdir)
+        outcome = process(candidate, settings, workdir, log)
     except SafeguardError as e:
         ledger.fail(entry, str(e))
         with suppress(SafeguardError):  # the ledger has the failure either way
@@ -122,14 +127,18 @@ def _process_entry(ledger, entry, settings: Settings, workdir: Path,
     return {**outcome, "status": status}
 
 
-def process(candidate: Candidate, settings: Settings, workdir: Path) -> dict:
-    """Sweep, merge the selected lambda, publish, feed. Returns what happened and its timings."""
+def process(candidate: Candidate, settings: Settings, workdir: Path,
+            log: Log = lambda _: None) -> dict:
+    """Sweep, merge the selected lambda, publish, feed. Returns what happened and its timings.
+
+    Each step is logged as "REPO: step NAME" before it starts (the daemon's log, and the
+    kill-at-any-step test's cue)."""
     from bot.evaluate.sweep import run_sweep, write_report
     from bot.merge.engine import MergeRequest, merge_models
     from bot.publish import feed
     from bot.publish.publisher import publish
 
-    timer = Timer()
+    timer = Timer(lambda name: log(f"{candidate.repo}: step {name}"))
     ft_ref = f"{candidate.repo}@{candidate.revision}"
     ev = settings.evaluate
     if candidate.repo in ev.task_files:

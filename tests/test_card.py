@@ -164,7 +164,7 @@ def test_card_body_has_the_plot_settings_limits_provenance_and_citation(report):
     for heading in ("## Results", "## Evaluation", "### Limits of this evaluation",
                     "## Provenance", "## How to reproduce", "## Citation"):
         assert heading in body
-    assert "builtin:zoo-harmful (108 prompts)" in body
+    assert f"builtin:zoo-harmful ({len(report.base_point.generations['harmful'])} prompts)" in body
     assert "at most 12 new tokens" in body and "keyword judge" in body
     assert CLEAN["base_revision"] in body and CLEAN["finetune_revision"] in body
     assert "safeguard-bot 0.1.0" in body
@@ -185,6 +185,10 @@ def test_reproduce_commands_pin_both_revisions_and_the_weight(report):
     assert "evaluate.harmful=builtin:zoo-harmful" in words
     assert words[1:3] == [f"{CLEAN['base_repo']}@{CLEAN['base_revision']}",
                           f"{CLEAN['finetune_repo']}@{CLEAN['finetune_revision']}"]
+    dare = model_card(replace(report, method="dare_ties"), license_id="mit", **CLEAN)
+    words = bash_words(code_block_after(dare, "## How to reproduce"), "safeguard-bot")
+    assert words[-6:] == ["--weight", str(report.selection.weight), "--density", "0.5",
+                          "--seed", "0"]
 
 
 def test_a_report_that_publishes_nothing_gets_no_card(report):

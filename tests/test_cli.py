@@ -41,12 +41,24 @@ def test_unknown_option_is_a_usage_error(pair, tmp_path):
     assert proc.returncode == 2 and "No such option" in proc.stderr
 
 
-def test_demo_merges_a_generated_pair(tmp_path):
-    proc = run("demo", "--workdir", tmp_path, "--json")
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    assert result["merged_tensors"] == result["tensors"] > 0
-    assert (tmp_path / "merged-linear-0.5" / "config.json").exists()
+def test_demo_runs_one_cycle_and_a_second_run_publishes_nothing(zoo, tmp_path):
+    directory, _ = zoo
+    proc = run("demo", "--workdir", tmp_path, "--zoo", directory, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads(proc.stdout)
+    decisions = {p["repo"]: p["decision"] for p in first["processed"]}
+    assert decisions == {"carol/zoo-ft-flip": "pull-request", "carol/zoo-ft-echo": "variant",
+                         "carol/zoo-lora-flip": "variant", "carol/zoo-ft-newtoken": "variant"}
+    assert all(p["status"] == "published" for p in first["processed"])
+    reasons = {s["repo"]: s["reason"] for s in first["skips"]}
+    assert "only pickle weights" in reasons["carol/decoy-pickle"]
+    assert "needs remote code" in reasons["carol/decoy-remote-code"]
+    assert len(reasons) == 6
+    proc = run("demo", "--workdir", tmp_path, "--zoo", directory, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = json.loads(proc.stdout)
+    assert second["candidates"] == second["skips"] == second["processed"] == []
+    assert second["already_seen"] == 10
 
 
 def test_ctrl_c_leaves_no_half_written_model(tmp_path):

@@ -3,10 +3,11 @@
 Everything from outside the bot is data, never template source: repo ids, revisions, license
 strings, prompt-set names, an owner's README. In the Markdown templates every `{{ }}` value is
 Markdown-escaped on output (the environment's `finalize` is `md`); only the bot's own Markdown is
-`Markup`. Shell arguments are quoted into printable ASCII without backticks or angle brackets
-(`shell_arg`), so no value can leave a command block. The YAML front matter is huggingface_hub's
-`ModelCardData` written by a YAML dumper that double-quotes (and so escapes) every string that
-is not plain printable ASCII: no value can end the metadata block or add a key.
+`Markup`. Shell arguments are quoted into printable ASCII free of Markdown, HTML and template
+syntax (`shell_arg`), so no value can leave a command block. The YAML front matter is
+huggingface_hub's `ModelCardData` written by a YAML dumper that double-quotes every string that
+is not plain printable ASCII free of markup characters, and writes those characters as escapes:
+no value can end the metadata block, add a key, or carry markup.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def _yaml(data: dict) -> str:
 
 def _license(license_id: str | None) -> str:
     """The Hub license id to declare: the fine-tune's if it is a well-formed id, else other."""
-    if license_id is None:
+    if not isinstance(license_id, str):
         return "other"
     lowered = license_id.strip().lower()
     return lowered if _LICENSE_ID.fullmatch(lowered) else "other"

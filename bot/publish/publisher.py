@@ -70,14 +70,27 @@ def _pull_request(candidate, report, files, common, settings) -> Publication:
                                                f"open (#{number})",
                                {"pull_request": f"{hub.endpoint()}/{candidate.repo}/"
                                                 f"discussions/{number}"})
+    # the owner's repo keeps its own config and tokenizer: only the weights change (old
+    # weight files that the merge does not write are deleted), plus the card section and plot
+    files = {name: content for name, content in files.items() if _is_weights(name)
+             or name == PLOT_FILE}
     existing = hub.read_text(candidate.repo, "README.md", candidate.revision) or ""
     section = cards.card_section(report, **common)
     files["README.md"] = cards.merge_card(existing, section).encode()
+    current = hub.model_info(candidate.repo, candidate.revision).siblings or []
+    stale = [s.rfilename for s in current if _is_weights(s.rfilename)
+             and s.rfilename not in files]
     title, description = cards.pull_request_text(report, opt_in_tag=settings.watch.opt_in_tag,
                                                  **common)
     number, url = hub.open_pull_request(candidate.repo, files, f"{title} {marker}",
-                                        description, parent_commit=candidate.revision)
+                                        description, parent_commit=candidate.revision,
+                                        delete=stale)
     return Publication("pull-request", report.selection.reason, {"pull_request": url})
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith((".safetensors", ".safetensors.index.json")) or \
+        name == "adapter_config.json"
 
 
 def _base_revision(base: str) -> str:
