@@ -292,6 +292,27 @@ def run(
 
 
 @app.command()
+def watch(
+    workdir: Annotated[Path, typer.Option(help="Where the ledger, reports and feed live.")]
+    = Path("safeguard-work"),
+    config: Annotated[Path | None, typer.Option(help="Settings file (TOML).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Change a setting, e.g. --set daemon.interval_minutes=30.")] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines.")] = False,
+    max_cycles: Annotated[int | None, typer.Option(
+        help="Stop after this many cycles (default: run until SIGTERM).")] = None,
+) -> None:
+    """The daemon: a watch cycle on the configured interval or cron, until SIGTERM."""
+    from bot.config import load_settings
+    from bot.daemon import configure_logging
+    from bot.daemon import watch as run_daemon
+
+    _quiet_libraries()
+    configure_logging(log_json)
+    run_daemon(load_settings(config, overrides or []), workdir, max_cycles)
+
+
+@app.command()
 def process(
     ref: Annotated[str, typer.Argument(help="The fine-tune: org/name[@revision].")],
     workdir: Annotated[Path, typer.Option(help="Where the ledger, reports and feed live.")]
@@ -337,6 +358,47 @@ def _print_cycle(r: dict) -> None:
         err.print(f"  skip {s['repo']}@{s['revision'][:8]}: {s['reason']}", markup=False)
     for p in r["processed"]:
         err.print("  " + _outcome_line(p), markup=False)
+
+
+@app.command("serve-webhooks")
+def serve_webhooks(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one).")] = 8080,
+    workdir: Annotated[Path, typer.Option(help="Where the ledger lives (as for `run`).")]
+    = Path("safeguard-work"),
+    config: Annotated[Path | None, typer.Option(help="Settings file (TOML).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Change a setting, e.g. --set webhooks.path=/hooks.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Receive Hub webhooks and queue each new model revision in the ledger, until Ctrl-C.
+
+    The secret is webhooks.secret or SAFEGUARD_WEBHOOK_SECRET (required). `run --once` or
+    `watch` processes what is queued. One JSON line per request on stderr; SIGTERM stops it.
+    """
+    import signal
+    import threading
+
+    from bot.config import load_settings
+    from bot.webhooks import WebhookServer, resolve_secret
+
+    settings = load_settings(config, overrides or [])
+    server = WebhookServer(settings, workdir, resolve_secret(settings), host, port,
+                           log=lambda line: err.print(line, markup=False, highlight=False))
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    server.start()
+    if as_json:
+        print(json.dumps({"url": server.url, "workdir": str(workdir)}), flush=True)
+    err.print(f"serving Hub webhooks at {server.url} (Ctrl-C stops)", markup=False)
+    try:
+        while not stopping.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    err.print("webhook server stopped", markup=False)
 
 
 @app.command()

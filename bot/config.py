@@ -7,6 +7,7 @@ silently ignored key.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 import typing
 from pathlib import Path
@@ -88,6 +89,7 @@ class WatchSettings(_Section):
     max_candidates: int = Field(20, ge=1)  # new candidates per cycle (the rest wait)
     scan_per_base: int = Field(200, ge=1)  # newest repos looked at per base and relation
     max_model_gb: float = Field(20.0, gt=0)  # larger fine-tunes are skipped
+    max_cycle_gb: float = Field(200.0, gt=0)  # weights one cycle takes on (the rest wait)
     # licenses whose terms forbid derivatives (SPDX-style ids as the Hub writes them)
     no_derivatives_licenses: list[str] = ["cc-by-nd-4.0", "cc-by-nc-nd-4.0", "cc-by-nd-3.0",
                                           "cc-by-nc-nd-3.0"]
@@ -115,6 +117,22 @@ class LedgerSettings(_Section):
     lease_seconds: float = Field(3600, gt=0)  # a claim older than this (a killed run) expires
 
 
+class DaemonSettings(_Section):
+    """When `safeguard-bot watch` runs a cycle."""
+
+    interval_minutes: float = Field(60.0, gt=0)
+    cron: str | None = None  # a crontab line ("0 */6 * * *"); overrides the interval
+
+
+class WebhookSettings(_Section):
+    """`safeguard-bot serve-webhooks`: where Hub webhooks arrive and how they are checked."""
+
+    # the webhook's secret on the Hub (else env SAFEGUARD_WEBHOOK_SECRET); never in dumps
+    secret: str | None = Field(None, exclude=True, repr=False)
+    path: str = Field("/webhooks/hub", pattern=r"^/[^?#\s]*$")  # the URL path that is served
+    max_body_bytes: int = Field(1_000_000, ge=1)  # larger payloads are refused (413)
+
+
 class Settings(_Section):
     evaluate: EvaluateSettings = EvaluateSettings()
     sweep: SweepSettings = SweepSettings()
@@ -122,10 +140,13 @@ class Settings(_Section):
     watch: WatchSettings = WatchSettings()
     publish: PublishSettings = PublishSettings()
     ledger: LedgerSettings = LedgerSettings()
+    webhooks: WebhookSettings = WebhookSettings()
+    daemon: DaemonSettings = DaemonSettings()
 
 
 def load_settings(path: Path | None = None, overrides: list[str] | None = None) -> Settings:
-    """Defaults, then the TOML file at `path`, then 'section.key=value' overrides."""
+    """Defaults, then the TOML file at `path`, then SAFEGUARD_<SECTION>_<KEY> environment
+    variables, then 'section.key=value' overrides."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -135,11 +156,11 @@ def load_settings(path: Path | None = None, overrides: list[str] | None = None) 
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"{path}: not valid TOML ({e})") from None
-    for item in overrides or []:
+    for item in [*_environment_overrides(), *(overrides or [])]:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in Settings.model_fields:
-            raise UsageError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of "
+            raise UsageError(f"setting {item!r}: expected SECTION.KEY=VALUE with SECTION one of "
                              f"{', '.join(Settings.model_fields)}")
         value = _parse_value(value)
         field = Settings.model_fields[section].annotation.model_fields.get(name)
@@ -152,6 +173,22 @@ def load_settings(path: Path | None = None, overrides: list[str] | None = None) 
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         raise UsageError(f"invalid settings: {problems}") from None
+
+
+ENV_PREFIX = "SAFEGUARD_"
+
+
+def _environment_overrides() -> list[str]:
+    """SAFEGUARD_<SECTION>_<KEY>=value as 'section.key=value' (for containers); variables of
+    other sections (SAFEGUARD_TEST_..., SAFEGUARD_WEBHOOK_SECRET) are not settings."""
+    out = []
+    for name, value in sorted(os.environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+        if section in Settings.model_fields and key:
+            out.append(f"{section}.{key}={value}")
+    return out
 
 
 def _parse_value(value: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import time
 from collections.abc import Callable
@@ -221,10 +222,13 @@ def publish_repo(repo: str, files: dict[str, Path | bytes], message: str,
 
 
 def append_lines(repo: str, path: str, lines: list[str], message: str,
-                 repo_type: str = "dataset", attempts: int = 8) -> str:
+                 repo_type: str = "dataset", attempts: int = 8,
+                 key: Callable[[str], str] | None = None) -> str | None:
     """Append `lines` to a text file of a Hub repo (created if missing) without losing anyone's:
     read the file at the head, commit with parent_commit = head, and on a conflict (412, another
-    writer got there first) read again and retry. Returns the new commit's sha."""
+    writer got there first) read again and retry. With `key`, a line whose key the file already
+    has is not appended again (a retried run). Returns the new commit's sha (None: nothing new).
+    """
     from huggingface_hub import CommitOperationAdd
 
     client = api()
@@ -239,6 +243,11 @@ def append_lines(repo: str, path: str, lines: list[str], message: str,
                 f"{repo}/{path}")).read_text()
         except EntryNotFoundError:
             current = ""
+        if key is not None:
+            present = {key(x) for x in current.splitlines() if x.strip()}
+            lines = [x for x in lines if key(x) not in present]
+            if not lines:
+                return None
         text = current + "".join(line.rstrip("\n") + "\n" for line in lines)
         try:
             return client.create_commit(
@@ -247,7 +256,7 @@ def append_lines(repo: str, path: str, lines: list[str], message: str,
         except HfHubHTTPError as e:
             status = e.response.status_code if e.response is not None else None
             if status in (409, 412) and attempt + 1 < attempts:
-                time.sleep(0.05 * (attempt + 1))
+                time.sleep(random.uniform(0.05, 0.15) * (attempt + 1))  # jitter: writers spread
                 continue
             if status in RETRY_STATUS and attempt + 1 < attempts:
                 time.sleep(2.0 ** attempt)

@@ -20,6 +20,16 @@ from bot.errors import SafeguardError
 from bot.watch import Candidate, Skip, candidate_for, discover
 
 Log = Callable[[str], None]
+Stop = Callable[[], bool]
+
+
+class Stopped(Exception):
+    """Asked to stop (the daemon's SIGTERM) in the middle of a candidate."""
+
+
+def _check(stop: Stop) -> None:
+    if stop():
+        raise Stopped("stopped before it finished (SIGTERM)")
 
 
 def open_ledger(settings: Settings, workdir: Path):
@@ -65,15 +75,20 @@ def run_once(settings: Settings, workdir: Path, discover_only: bool = False,
             ledger.enqueue(c.repo, c.revision, c.kind, c.base)
         for s in found.skips:
             ledger.skip(s.repo, s.revision, s.reason, s.kind, s.base)
-        result = {**found.to_dict(), "processed": []}
+        result = {**found.to_dict(), "processed": [], "stopped": False}
         worker = default_worker()
         while not discover_only and not stop():
             entry = ledger.claim(worker)
             if entry is None:
                 break
             log(f"processing {entry.repo}@{entry.revision[:8]}")
-            result["processed"].append(_process_entry(ledger, entry, settings, workdir,
-                                                       log=log))
+            try:
+                result["processed"].append(_process_entry(ledger, entry, settings, workdir,
+                                                           log=log, stop=stop))
+            except Stopped:
+                log(f"released {entry.repo}@{entry.revision[:8]}: stopping")
+                break
+        result["stopped"] = stop()
     finally:
         ledger.close()
     result["seconds"] = round(time.perf_counter() - started, 3)
@@ -107,14 +122,27 @@ def process_one(ref: str, settings: Settings, workdir: Path, log: Log = lambda _
 
 
 def _process_entry(ledger, entry, settings: Settings, workdir: Path,
-                   candidate: Candidate | None = None, log: Log = lambda _: None) -> dict:
-    """Process a claimed entry; the ledger ends published, skipped or failed (retryable)."""
+                   candidate: Candidate | None = None, log: Log = lambda _: None,
+                   stop: Stop = lambda: False) -> dict:
+    """Process a claimed entry; the ledger ends published, skipped or failed (retryable), or,
+    when stopped mid-way, the entry is released (queued again, the attempt not counted)."""
     try:
-        candidate = candidate or candidate_for(entry.repo, entry.revision, settings)
+        if candidate is None:  # claimed from the queue (discovery or a webhook)
+            candidate = candidate_for(entry.repo, entry.revision, settings)
+            if isinstance(candidate, Candidate) and candidate.base not in settings.watch.bases:
+                candidate = Skip(candidate.repo, candidate.revision, candidate.base,
+                                 candidate.kind, f"its base {candidate.base} is not watched")
         if isinstance(candidate, Skip):
             ledger.finish(entry, "skipped", candidate.reason)
             return {**candidate.to_dict(), "status": "skipped"}
-        outcome = process(candidate, settings, workdir, log)
+        def checkpoint() -> bool:  # between steps and sweep points: renew the lease
+            ledger.heartbeat(entry)
+            return stop()
+
+        outcome = process(candidate, settings, workdir, log, checkpoint)
+    except Stopped as e:
+        ledger.release(entry, str(e))
+        raise
     except SafeguardError as e:
         ledger.fail(entry, str(e))
         with suppress(SafeguardError):  # the ledger has the failure either way
@@ -128,24 +156,31 @@ def _process_entry(ledger, entry, settings: Settings, workdir: Path,
 
 
 def process(candidate: Candidate, settings: Settings, workdir: Path,
-            log: Log = lambda _: None) -> dict:
+            log: Log = lambda _: None, stop: Stop = lambda: False) -> dict:
     """Sweep, merge the selected lambda, publish, feed. Returns what happened and its timings.
 
     Each step is logged as "REPO: step NAME" before it starts (the daemon's log, and the
-    kill-at-any-step test's cue)."""
+    kill-at-any-step test's cue); `stop()` is checked before each step and between the
+    sweep's points, so a stop request releases the candidate within one evaluation."""
     from bot.evaluate.sweep import run_sweep, write_report
     from bot.merge.engine import MergeRequest, merge_models
     from bot.publish import feed
     from bot.publish.publisher import publish
 
-    timer = Timer(lambda name: log(f"{candidate.repo}: step {name}"))
+    def announce(name: str) -> None:
+        if name != "feed":  # once published, finish: the feed and the ledger must say so
+            _check(stop)
+        log(f"{candidate.repo}: step {name}")
+
+    timer = Timer(announce)
     ft_ref = f"{candidate.repo}@{candidate.revision}"
     ev = settings.evaluate
     if candidate.repo in ev.task_files:
         ev = ev.model_copy(update={"task_file": ev.task_files[candidate.repo]})
     sweep_settings = settings.model_copy(update={"evaluate": ev})
     with timer.step("sweep"):
-        report = run_sweep(candidate.base, ft_ref, sweep_settings)
+        report = run_sweep(candidate.base, ft_ref, sweep_settings,
+                           lambda i, n, what: _check(stop))
     name = f"{candidate.repo.replace('/', '--')}@{candidate.revision[:12]}"
     report_path, plot = write_report(report, workdir / "reports" / f"{name}.json")
     merged = None

@@ -84,7 +84,13 @@ def discover(settings: Settings, seen=lambda repo, revision: False) -> Discovery
                 if base not in base_configs:
                     base_configs[base] = _base_config(base)
                 found = examine(info, base, relation, base_configs[base], settings)
-                (candidates if isinstance(found, Candidate) else skips).append(found)
+                if isinstance(found, Skip):
+                    skips.append(found)
+                elif sum(c.size_bytes for c in candidates) + found.size_bytes \
+                        > w.max_cycle_gb * 1e9 and candidates:
+                    deferred += 1  # this cycle's byte budget is spent; found again next time
+                else:
+                    candidates.append(found)
     return Discovery(candidates, skips, already, deferred)
 
 

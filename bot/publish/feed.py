@@ -66,12 +66,23 @@ def record(repo: str, revision: str, base: str, decision: str, reason: str, repo
         retention=chosen.retention if chosen else None, links=links or {})
 
 
-def push(records: list[FeedRecord], dataset_repo: str) -> str:
-    """Append the records to the Hub dataset's results.jsonl; the commit's sha."""
+def record_key(line: str) -> str:
+    """What makes a record unique: the candidate's revision and its decision. A run that was
+    killed after pushing and then retried must not add the same result twice."""
+    try:
+        row = json.loads(line)
+        return f"{row['repo']}@{row['revision']}:{row['decision']}"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return line
+
+
+def push(records: list[FeedRecord], dataset_repo: str) -> str | None:
+    """Append the new records to the Hub dataset's results.jsonl; the commit's sha, or None
+    when every record was there already."""
     from bot import hub
 
     return hub.append_lines(dataset_repo, RESULTS_FILE, [r.to_json() for r in records],
-                            f"safeguard-bot: {len(records)} result(s)")
+                            f"safeguard-bot: {len(records)} result(s)", key=record_key)
 
 
 def write_local(records: list[FeedRecord], directory: Path) -> dict[str, Path]:
@@ -79,8 +90,10 @@ def write_local(records: list[FeedRecord], directory: Path) -> dict[str, Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     results = directory / RESULTS_FILE
+    present = {record_key(json.dumps(r)) for r in read_local(directory)}
     with results.open("a", encoding="utf-8") as f:
-        f.writelines(r.to_json() + "\n" for r in records)
+        f.writelines(r.to_json() + "\n" for r in records
+                     if record_key(r.to_json()) not in present)
         f.flush()
         os.fsync(f.fileno())
     rows = read_local(directory)
@@ -92,7 +105,15 @@ def read_local(directory: Path) -> list[dict]:
     path = Path(directory) / RESULTS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None  # a torn or corrupt line: skipped, the rest still counts
+        if isinstance(row, dict) and {"repo", "revision", "decision", "time"} <= set(row):
+            rows.append(row)
+    return rows
 
 
 def atom(rows: list[dict], feed_id: str = "urn:safeguard-bot:results") -> str:
@@ -104,7 +125,10 @@ def atom(rows: list[dict], feed_id: str = "urn:safeguard-bot:results") -> str:
     ET.SubElement(feed, f"{{{ns}}}id").text = feed_id
     newest = max((r["time"] for r in rows), default=datetime.now(UTC).isoformat())
     ET.SubElement(feed, f"{{{ns}}}updated").text = newest
-    for r in sorted(rows, key=lambda r: r["time"], reverse=True):
+    author = ET.SubElement(feed, f"{{{ns}}}author")
+    ET.SubElement(author, f"{{{ns}}}name").text = "safeguard-bot"
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["time"], i), reverse=True)
+    for r in (rows[i] for i in order):  # newest first; same second: later record first
         entry = ET.SubElement(feed, f"{{{ns}}}entry")
         ET.SubElement(entry, f"{{{ns}}}title").text = f"{r['repo']}: {r['decision']}"
         ET.SubElement(entry, f"{{{ns}}}id").text = f"{feed_id}:{r['repo']}@{r['revision']}"

@@ -1,0 +1,129 @@
+"""`safeguard-bot watch`: the scheduled daemon.
+
+APScheduler runs one cycle (bot/pipeline.py run_once) at a time on the configured interval or
+cron (`[daemon]`); a cycle still running when the next is due makes that one wait (no overlap,
+missed runs coalesced). SIGTERM or SIGINT: the current candidate is released back to the
+ledger within one evaluation step (or finished, once publishing has begun), then the daemon
+exits 0. Each cycle ends with one health line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bot.config import Settings
+
+log = logging.getLogger("safeguard")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message and any `extra={"data": {...}}`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+                 "level": record.levelname.lower(), "message": record.getMessage()}
+        entry.update(getattr(record, "data", {}))
+        return json.dumps(entry)
+
+
+def configure_logging(as_json: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if as_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def trigger(settings: Settings):
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    if settings.daemon.cron:
+        return CronTrigger.from_crontab(settings.daemon.cron)
+    return IntervalTrigger(seconds=settings.daemon.interval_minutes * 60)
+
+
+def watch(settings: Settings, workdir: Path, max_cycles: int | None = None,
+          cycle: Callable[..., dict] | None = None) -> int:
+    """Run cycles until SIGTERM/SIGINT (or `max_cycles`); returns the number of cycles run."""
+    from apscheduler.schedulers.blocking import BlockingScheduler
+
+    from bot.pipeline import run_once
+
+    cycle = cycle or run_once
+    stopping, idle = threading.Event(), threading.Event()
+    idle.set()
+    done = {"cycles": 0}
+    scheduler = BlockingScheduler()
+
+    def one_cycle() -> None:
+        if stopping.is_set():
+            return
+        idle.clear()
+        started = time.perf_counter()
+        try:
+            result = cycle(settings, workdir, log=lambda m: log.info(m),
+                           stop=stopping.is_set)
+        except Exception as e:  # noqa: BLE001 - a bad cycle is logged; the daemon goes on
+            log.error(f"cycle failed: {e}", extra={"data": {"event": "cycle-failed"}})
+            result = None
+        done["cycles"] += 1
+        if result is not None:
+            health(result, time.perf_counter() - started, done["cycles"])
+        if max_cycles and done["cycles"] >= max_cycles:
+            stopping.set()
+        idle.set()
+        if stopping.is_set() and scheduler.running:
+            scheduler.shutdown(wait=False)
+
+    def on_signal(signum, _frame) -> None:
+        log.info(f"{signal.Signals(signum).name}: stopping after the current step",
+                 extra={"data": {"event": "stopping"}})
+        stopping.set()
+        if scheduler.running:
+            scheduler.shutdown(wait=False)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # the first cycle starts now; the job runs in the scheduler's thread pool, one at a time
+    scheduler.add_job(one_cycle, trigger(settings), id="cycle", max_instances=1,
+                      coalesce=True, next_run_time=_now())
+    try:
+        log.info(f"watching {len(settings.watch.bases)} base(s); "
+                 + (f"cron {settings.daemon.cron}" if settings.daemon.cron
+                    else f"every {settings.daemon.interval_minutes} min"),
+                 extra={"data": {"event": "start"}})
+        scheduler.start()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    idle.wait()  # a cycle that is releasing its candidate ends first
+    log.info(f"stopped after {done['cycles']} cycle(s)", extra={"data": {"event": "stop"}})
+    return done["cycles"]
+
+
+def health(result: dict, seconds: float, number: int) -> None:
+    processed = result.get("processed", [])
+    counts = {k: sum(p.get("status") == k for p in processed)
+              for k in ("published", "skipped", "failed")}
+    log.info(f"health: cycle {number} in {seconds:.1f} s: {len(result['candidates'])} new, "
+             f"{len(result['skips'])} skipped at discovery, {result['already_seen']} seen, "
+             f"{result['deferred']} deferred; processed {len(processed)} (published "
+             f"{counts['published']}, not published {counts['skipped']}, failed "
+             f"{counts['failed']})" + ("; stopped" if result.get("stopped") else ""),
+             extra={"data": {"event": "health", "cycle": number, "seconds": round(seconds, 3),
+                             "new": len(result["candidates"]), "skips": len(result["skips"]),
+                             "deferred": result["deferred"], **counts}})
+
+
+def _now():
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
