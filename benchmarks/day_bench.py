@@ -42,6 +42,7 @@ from collections import Counter
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from huggingface_hub.utils import disable_progress_bars
 
 from bot.demo import pointed_at
@@ -200,10 +201,13 @@ def drain(hub: LocalHub, log: RequestLog, tasks: dict[str, str], workers: int,
     taken = Counter(pid_to_worker.get(int(e.worker.rsplit(":", 1)[1]), -1) for e in claimed)
     statuses = Counter(e.status for e in claimed)
     outputs = Counter((p["repo"], p["revision"]) for r in results for p in r["processed"])
-    feed_lines = hf_hub_download(feed_repo, "results.jsonl", repo_type="dataset",
-                                 endpoint=hub.url, token=token, cache_dir=root / "verify")
-    records = Counter((r["repo"], r["revision"]) for r in
-                      map(json.loads, Path(feed_lines).read_text().splitlines()))
+    try:  # the feed dataset exists once a worker has appended to it
+        feed_lines = Path(hf_hub_download(feed_repo, "results.jsonl", repo_type="dataset",
+                                          endpoint=hub.url, token=token,
+                                          cache_dir=root / "verify")).read_text().splitlines()
+    except (EntryNotFoundError, HfHubHTTPError):
+        feed_lines = []
+    records = Counter((r["repo"], r["revision"]) for r in map(json.loads, feed_lines))
     expected = {(c["repo"], c["revision"]) for c in found["candidates"]}
     requests = log.of(f"workers-w{workers}")
     feed_commit = f"/api/datasets/{feed_repo}/commit/"
