@@ -76,6 +76,14 @@ def run_once(settings: Settings, workdir: Path, discover_only: bool = False,
         for s in found.skips:
             ledger.skip(s.repo, s.revision, s.reason, s.kind, s.base)
         result = {**found.to_dict(), "processed": [], "stopped": False}
+        if discover_only:  # what a separate processor (the Actions matrix) should also take
+            new = {(c.repo, c.revision) for c in found.candidates}
+            result["retry"] = [
+                {"repo": e.repo, "revision": e.revision, "kind": e.kind, "base": e.base,
+                 "status": e.status, "attempts": e.attempts}
+                for e in ledger.entries("queued") + ledger.entries("failed")
+                + [e for e in ledger.entries("running") if _expired(e)]
+                if (e.repo, e.revision) not in new and e.attempts < ledger.max_attempts]
         worker = default_worker()
         while not discover_only and not stop():
             entry = ledger.claim(worker)
@@ -93,6 +101,16 @@ def run_once(settings: Settings, workdir: Path, discover_only: bool = False,
         ledger.close()
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
+
+
+def _expired(entry) -> bool:
+    """A running entry whose claim lapsed (its runner was killed or cancelled)."""
+    from datetime import UTC, datetime
+
+    expires = entry.expires_at
+    if expires is not None and expires.tzinfo is None:
+        expires = expires.replace(tzinfo=UTC)
+    return expires is not None and expires < datetime.now(UTC)
 
 
 def process_one(ref: str, settings: Settings, workdir: Path, log: Log = lambda _: None) -> dict:

@@ -80,3 +80,43 @@ def test_a_new_revision_is_a_new_candidate(seeded, tmp_path):
                     repo_id="bob/zoo-ft-echo")
     again = run_once(hub, tmp_path)
     assert [c["repo"] for c in again["candidates"]] == ["bob/zoo-ft-echo"]
+
+
+def test_discover_only_lists_what_is_left_to_retry(seeded, tmp_path):
+    """Queued and failed-with-attempts-left entries come back under "retry" (the Actions
+    matrix takes them); a published one does not."""
+    from bot.ledger import Ledger
+
+    hub, _, _ = seeded
+    first = run_once(hub, tmp_path)
+    assert first["retry"] == []  # everything new is under "candidates"
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        failed = ledger.claim("test", "bob/zoo-ft-flip",
+                              next(c["revision"] for c in first["candidates"]
+                                   if c["repo"] == "bob/zoo-ft-flip"))
+        ledger.fail(failed, "the GPU job ran out of memory")
+        done = ledger.claim("test", "bob/zoo-ft-echo",
+                            next(c["revision"] for c in first["candidates"]
+                                 if c["repo"] == "bob/zoo-ft-echo"))
+        ledger.finish(done, "published")
+    again = run_once(hub, tmp_path)
+    retry = {r["repo"]: r["status"] for r in again["retry"]}
+    assert retry == {"bob/zoo-ft-flip": "failed", "bob/zoo-lora-flip": "queued",
+                     "bob/zoo-ft-newtoken": "queued"}
+
+
+def test_prompt_sets_from_a_hub_dataset(localhub, monkeypatch):
+    """`hf:owner/name[:split]` loads a dataset repo's JSONL through bot/hub.py."""
+    from bot.evaluate.prompts import load_prompt_set
+
+    alice = HfApi(endpoint=localhub.url, token="hf_alice_token")
+    alice.create_repo("alice/harmful-set", repo_type="dataset")
+    rows = "".join(json.dumps({"goal": f"request {i}", "category": "c"}) + "\n"
+                   for i in range(3))
+    alice.upload_file(path_or_fileobj=rows.encode(), path_in_repo="data/test.jsonl",
+                      repo_id="alice/harmful-set", repo_type="dataset")
+    monkeypatch.setenv("HF_ENDPOINT", localhub.url)
+    s = load_prompt_set("hf:alice/harmful-set:test")
+    assert s.prompts == ("request 0", "request 1", "request 2") and s.categories[0] == "c"
+    with pytest.raises(Exception, match="no such dataset|not found"):
+        load_prompt_set("hf:alice/no-such-set")
