@@ -22,6 +22,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True, soft_wrap=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object, no progress.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="Settings file (TOML).")]
+SetOptions = Annotated[list[str] | None, typer.Option(
+    "--set", help="Change a setting: SECTION.KEY=VALUE, e.g. --set watch.bases=org/base-it.")]
+WorkDir = Annotated[Path, typer.Option(
+    "--workdir", help="Where the ledger, reports and feed live.")]
 
 
 def _emit(result: dict, as_json: bool, human: Callable[[dict], None]) -> None:
@@ -135,9 +140,8 @@ def sweep(
     report: Annotated[Path | None, typer.Option(
         help="Write the report here (JSON with the raw generations) and its plot (.png).")]
     = None,
-    config: Annotated[Path | None, typer.Option(help="Settings file (TOML).")] = None,
-    overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Change a setting, e.g. --set evaluate.max_new_tokens=64.")] = None,
+    config: ConfigFile = None,
+    overrides: SetOptions = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Evaluate the merge at every lambda of a grid, choose the best trade-off, explain it."""
@@ -269,11 +273,9 @@ def run(
     once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit.")] = False,
     discover_only: Annotated[bool, typer.Option(
         "--discover-only", help="Only find and record candidates; process nothing.")] = False,
-    workdir: Annotated[Path, typer.Option(help="Where the ledger, reports and feed live.")]
-    = Path("safeguard-work"),
-    config: Annotated[Path | None, typer.Option(help="Settings file (TOML).")] = None,
-    overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Change a setting, e.g. --set watch.bases=org/base-it.")] = None,
+    workdir: WorkDir = Path("safeguard-work"),
+    config: ConfigFile = None,
+    overrides: SetOptions = None,
     as_json: JsonFlag = False,
 ) -> None:
     """One watch cycle: find new fine-tunes of the watched bases, process, publish, feed.
@@ -293,11 +295,9 @@ def run(
 
 @app.command()
 def watch(
-    workdir: Annotated[Path, typer.Option(help="Where the ledger, reports and feed live.")]
-    = Path("safeguard-work"),
-    config: Annotated[Path | None, typer.Option(help="Settings file (TOML).")] = None,
-    overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Change a setting, e.g. --set daemon.interval_minutes=30.")] = None,
+    workdir: WorkDir = Path("safeguard-work"),
+    config: ConfigFile = None,
+    overrides: SetOptions = None,
     log_json: Annotated[bool, typer.Option("--log-json", help="Log JSON lines.")] = False,
     max_cycles: Annotated[int | None, typer.Option(
         help="Stop after this many cycles (default: run until SIGTERM).")] = None,
@@ -315,11 +315,9 @@ def watch(
 @app.command()
 def process(
     ref: Annotated[str, typer.Argument(help="The fine-tune: org/name[@revision].")],
-    workdir: Annotated[Path, typer.Option(help="Where the ledger, reports and feed live.")]
-    = Path("safeguard-work"),
-    config: Annotated[Path | None, typer.Option(help="Settings file (TOML).")] = None,
-    overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Change a setting.")] = None,
+    workdir: WorkDir = Path("safeguard-work"),
+    config: ConfigFile = None,
+    overrides: SetOptions = None,
     as_json: JsonFlag = False,
 ) -> None:
     """One candidate end to end: checks, sweep, merge, publish, feed, ledger."""
@@ -364,11 +362,9 @@ def _print_cycle(r: dict) -> None:
 def serve_webhooks(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: a free one).")] = 8080,
-    workdir: Annotated[Path, typer.Option(help="Where the ledger lives (as for `run`).")]
-    = Path("safeguard-work"),
-    config: Annotated[Path | None, typer.Option(help="Settings file (TOML).")] = None,
-    overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Change a setting, e.g. --set webhooks.path=/hooks.")] = None,
+    workdir: WorkDir = Path("safeguard-work"),
+    config: ConfigFile = None,
+    overrides: SetOptions = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Receive Hub webhooks and queue each new model revision in the ledger, until Ctrl-C.

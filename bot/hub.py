@@ -9,6 +9,7 @@ the bot's errors with messages a user can act on. The token comes from the envir
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -122,14 +123,12 @@ def model_info(repo: str, revision: str | None = None):
 
 def read_json(repo: str, filename: str, revision: str | None = None) -> dict | None:
     """A small JSON file of a model repo (config.json, adapter_config.json), None if absent."""
-    try:
-        path = with_retries(lambda: hf_hub_download(repo, filename, revision=revision,
-                                                    endpoint=endpoint()), f"{repo}/{filename}")
-    except EntryNotFoundError:
+    text = read_text(repo, filename, revision)
+    if text is None:
         return None
     try:
-        data = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = json.loads(text)
+    except json.JSONDecodeError:
         raise HubError(f"{repo}/{filename}: not valid JSON") from None
     return data if isinstance(data, dict) else None
 
@@ -176,8 +175,13 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str], repo_type
 # --- writing: pull requests, variant repos, the results feed -------------------------------
 
 def whoami() -> str:
-    """The name of the account HF_TOKEN belongs to."""
-    return with_retries(lambda: api().whoami()["name"], "whoami")
+    """The name of the account HF_TOKEN belongs to (asked once per endpoint and token)."""
+    return _whoami(endpoint(), os.environ.get("HF_TOKEN"))
+
+
+@functools.cache
+def _whoami(url: str, token: str | None) -> str:
+    return with_retries(lambda: HfApi(endpoint=url, token=token).whoami()["name"], "whoami")
 
 
 def _operations(files: dict[str, Path | bytes]) -> list:
@@ -237,12 +241,7 @@ def append_lines(repo: str, path: str, lines: list[str], message: str,
     for attempt in range(attempts):
         head = with_retries(lambda: client.repo_info(repo, repo_type=repo_type).sha,
                             f"reading {repo}")
-        try:
-            current = Path(with_retries(lambda rev=head: hf_hub_download(
-                repo, path, repo_type=repo_type, revision=rev, endpoint=endpoint()),
-                f"{repo}/{path}")).read_text()
-        except EntryNotFoundError:
-            current = ""
+        current = read_text(repo, path, head, repo_type) or ""
         if key is not None:
             present = {key(x) for x in current.splitlines() if x.strip()}
             lines = [x for x in lines if key(x) not in present]
@@ -265,11 +264,13 @@ def append_lines(repo: str, path: str, lines: list[str], message: str,
     raise HubError(f"appending to {repo}/{path}: still conflicting after {attempts} attempts")
 
 
-def read_text(repo: str, filename: str, revision: str | None = None) -> str | None:
-    """A small text file of a model repo (its README.md), None if absent."""
+def read_text(repo: str, filename: str, revision: str | None = None,
+              repo_type: str = "model") -> str | None:
+    """A small text file of a repo (README.md, a JSON config, the feed), None if absent."""
     try:
-        path = with_retries(lambda: hf_hub_download(repo, filename, revision=revision,
-                                                    endpoint=endpoint()), f"{repo}/{filename}")
+        path = with_retries(lambda: hf_hub_download(
+            repo, filename, revision=revision, repo_type=repo_type, endpoint=endpoint()),
+            f"{repo}/{filename}")
     except EntryNotFoundError:
         return None
     return Path(path).read_text(encoding="utf-8", errors="replace")

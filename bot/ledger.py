@@ -173,14 +173,9 @@ class Ledger:
         t, now = table, _now()
         with self._tx() as conn:
             self._give_up_expired(conn, now)
-            claimable = sa.or_(
-                t.c.status == "queued",
-                sa.and_(t.c.status == "failed", t.c.attempts < self.max_attempts),
-                sa.and_(t.c.status == "running", t.c.expires_at < now,
-                        t.c.attempts < self.max_attempts))
             query = (sa.select(t.c.repo, t.c.revision, t.c.status, t.c.token, t.c.worker,
                                t.c.reason, t.c.expires_at)
-                     .where(claimable)
+                     .where(self._claimable(now))
                      .order_by(t.c.updated_at, t.c.repo, t.c.revision)
                      .limit(1)
                      .with_for_update(skip_locked=True))  # SQLite: nothing; BEGIN IMMEDIATE
@@ -244,6 +239,13 @@ class Ledger:
         with self._tx(read=True) as conn:
             return self._get(conn, repo, revision)
 
+    def claimable(self) -> list[Entry]:
+        """The entries `claim` could take now, oldest update first (it changes nothing)."""
+        query = (sa.select(table).where(self._claimable(_now()))
+                 .order_by(table.c.updated_at, table.c.repo, table.c.revision))
+        with self._tx(read=True) as conn:
+            return [_entry(row) for row in conn.execute(query)]
+
     def entries(self, status: str | None = None) -> list[Entry]:
         """Every entry (or those with `status`), oldest first."""
         query = sa.select(table).order_by(table.c.created_at, table.c.repo, table.c.revision)
@@ -302,6 +304,15 @@ class Ledger:
             state = f"it is {now.status} already (worker {now.worker})"
         return LedgerError(f"{entry.worker} lost its claim on {entry.repo}@{entry.revision}: "
                            f"{state}")
+
+    def _claimable(self, now: datetime) -> sa.ColumnElement[bool]:
+        """Queued; failed with attempts left; running with an expired lease and attempts left."""
+        t = table
+        return sa.or_(
+            t.c.status == "queued",
+            sa.and_(t.c.status == "failed", t.c.attempts < self.max_attempts),
+            sa.and_(t.c.status == "running", t.c.expires_at < now,
+                    t.c.attempts < self.max_attempts))
 
     def _give_up_expired(self, conn: Connection, now: datetime) -> None:
         """Running entries whose lease expired with no attempts left become failed."""

@@ -81,9 +81,7 @@ def run_once(settings: Settings, workdir: Path, discover_only: bool = False,
             result["retry"] = [
                 {"repo": e.repo, "revision": e.revision, "kind": e.kind, "base": e.base,
                  "status": e.status, "attempts": e.attempts}
-                for e in ledger.entries("queued") + ledger.entries("failed")
-                + [e for e in ledger.entries("running") if _expired(e)]
-                if (e.repo, e.revision) not in new and e.attempts < ledger.max_attempts]
+                for e in ledger.claimable() if (e.repo, e.revision) not in new]
         worker = default_worker()
         while not discover_only and not stop():
             entry = ledger.claim(worker)
@@ -101,16 +99,6 @@ def run_once(settings: Settings, workdir: Path, discover_only: bool = False,
         ledger.close()
     result["seconds"] = round(time.perf_counter() - started, 3)
     return result
-
-
-def _expired(entry) -> bool:
-    """A running entry whose claim lapsed (its runner was killed or cancelled)."""
-    from datetime import UTC, datetime
-
-    expires = entry.expires_at
-    if expires is not None and expires.tzinfo is None:
-        expires = expires.replace(tzinfo=UTC)
-    return expires is not None and expires < datetime.now(UTC)
 
 
 def process_one(ref: str, settings: Settings, workdir: Path, log: Log = lambda _: None) -> dict:

@@ -102,8 +102,9 @@ def _base_config(base: str) -> dict | None:
 
 
 def examine(info, base: str, relation: str, base_config: dict | None,
-            settings: Settings) -> Candidate | Skip:
-    """Decide one repo at one revision (the listing's info; details fetched here)."""
+            settings: Settings, detail=None) -> Candidate | Skip:
+    """Decide one repo at one revision: `info` from the listing, `detail` its model_info with
+    file sizes (fetched here when not given)."""
     w, repo = settings.watch, info.id
     kind = "adapter" if relation == "adapter" else "model"
 
@@ -113,7 +114,7 @@ def examine(info, base: str, relation: str, base_config: dict | None,
     if getattr(info, "gated", False) and not _can_read(repo, info.sha):
         return skip("gated, and this token has no access")
     try:
-        detail = hub.model_info(repo, revision=info.sha)
+        detail = detail or hub.model_info(repo, revision=info.sha)
     except (HubError, InputNotFoundError) as e:
         return skip(f"could not read the repo: {e}")
     files = {s.rfilename: (s.size or 0) for s in detail.siblings or []}
@@ -201,6 +202,6 @@ def candidate_for(repo: str, revision: str | None, settings: Settings) -> Candid
         base = next((t.removeprefix(prefix) for t in info.tags or [] if t.startswith(prefix)),
                     None)
         if base:
-            return examine(info, base, relation, _base_config(base), settings)
+            return examine(info, base, relation, _base_config(base), settings, detail=info)
     return Skip(repo, info.sha or "", "", "model",
                 "its card declares no base model (base_model: in the README metadata)")
