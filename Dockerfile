@@ -1,6 +1,8 @@
 # safeguard-bot in a container: the daemon (`safeguard-bot watch`) by default, any command else.
-#   docker build -t safeguard-bot .                                      # CPU torch
-#   docker build -t safeguard-bot:cuda --build-arg TORCH_INDEX=https://pypi.org/simple .  # PyPI: CUDA
+#   docker build -t safeguard-bot --build-arg TORCH_INDEX="$CPU_INDEX" .   # CPU torch
+#   docker build -t safeguard-bot:cuda .                                 # pip's default index
+# TORCH_INDEX: the index torch comes from, e.g. PyTorch's CPU wheel index (you fill it in; the
+# project names no index host). Empty: pip's default index, whose Linux torch is a CUDA build.
 #   docker run -e HF_TOKEN -v safeguard-work:/work safeguard-bot         # the daemon
 # BASE_IMAGE may be any image with python3 (>= 3.11, with venv), e.g. a CUDA one; CUDA wheels of
 # torch bring their own CUDA runtime, so the host needs only the driver (`docker run --gpus all`).
@@ -8,7 +10,7 @@ ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -18,12 +20,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/safeguard/bin:$PATH \
     HF_HOME=/work/.cache/huggingface
 
-# torch first, from TORCH_INDEX, so that installing the package does not pull another build
+# torch first, from TORCH_INDEX when set, so that installing the package does not pull another build
 RUN python3 -m venv /opt/safeguard \
-    && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+    && if [ -n "${TORCH_INDEX}" ]; then export PIP_INDEX_URL="${TORCH_INDEX}"; fi \
+    && pip install --no-cache-dir "torch==${TORCH_VERSION}"
 
 COPY pyproject.toml README.md /tmp/src/
 COPY bot /tmp/src/bot
+COPY templates /tmp/src/templates
 RUN pip install --no-cache-dir "/tmp/src[postgres]" \
     && rm -rf /tmp/src \
     && safeguard-bot version

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from bot.config import load_settings
-from bot.evaluate.sweep import Evaluator, run_sweep
+from bot.stages import evaluator_for, sweep_refs
 from bot.zoo.build import build_zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ TASKS = {"zoo-ft-flip": "flip", "zoo-ft-echo": "echo", "zoo-ft-newtoken": "newto
 
 def ours(base: Path, ft: Path, settings) -> tuple[float, dict]:
     started = time.perf_counter()
-    report = run_sweep(str(base), str(ft), settings)
+    report = sweep_refs(str(base), str(ft), settings)
     total = time.perf_counter() - started
     return total, {"eval": sum(p.eval_seconds for p in
                                [report.base_point, report.finetune_point, *report.points]),
@@ -54,7 +54,7 @@ def ours(base: Path, ft: Path, settings) -> tuple[float, dict]:
 
 def naive(base: Path, ft: Path, settings, work: Path) -> tuple[float, dict]:
     started = time.perf_counter()
-    evaluator = Evaluator(settings.evaluate)
+    evaluator = evaluator_for(settings.evaluate)
     points, eval_s = [], 0.0
     for weight in [0.0, 1.0, *GRID]:
         if weight in (0.0, 1.0):

@@ -8,14 +8,18 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 
 from bot import __version__
 from bot.errors import SafeguardError
+
+if TYPE_CHECKING:
+    from bot.results import CandidateOutcome, CycleResult, DemoResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Restore the safety of fine-tuned chat models by merging with their base.")
@@ -25,27 +29,60 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object, n
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="Settings file (TOML).")]
 SetOptions = Annotated[list[str] | None, typer.Option(
     "--set", help="Change a setting: SECTION.KEY=VALUE, e.g. --set watch.bases=org/base-it.")]
+Progress = Callable[..., None]  # (done, total[, what])
 WorkDir = Annotated[Path, typer.Option(
     "--workdir", help="Where the ledger, reports and feed live.")]
 
 
-def _emit(result: dict, as_json: bool, human: Callable[[dict], None]) -> None:
+def _known_method(name: str | None) -> str | None:
+    """--method checked against the merge registry (imported only when the option is given)."""
+    if name is None:
+        return None
+    from bot.merge.methods import method_named
+
+    return method_named(name).name
+
+
+MethodOption = typer.Option(
+    callback=_known_method, help="Merge method: a name in the registry of bot/merge/methods.py "
+    "(an unknown name is refused with the list); default linear.")
+
+
+def _emit(result, as_json: bool, human: Callable[[Any], None]) -> None:
+    """One JSON object on stdout (a result's `to_dict()`, or the dict itself), or `human`'s
+    rendering of the result on stderr."""
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(result if isinstance(result, dict) else result.to_dict()))
     else:
         human(result)
 
 
+def _log(quiet: bool) -> Callable[[str], None]:
+    """Progress messages on stderr, as they are (no markup), or none with --json."""
+    if quiet:
+        return lambda _: None
+    return lambda message: err.print(message, markup=False, highlight=False)
+
+
 @contextmanager
-def _progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A byte progress bar on stderr, or nothing when quiet or not a terminal."""
+def _progress(label: str, quiet: bool, in_bytes: bool = False) -> Iterator[Progress | None]:
+    """A progress bar on stderr, or nothing when quiet or not a terminal. It is called with
+    (done, total) or (done, total, what is being done); `in_bytes`: done and total are bytes
+    (a download or a merge), else steps."""
     if quiet or not err.is_terminal:
         yield None
         return
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), console=err, transient=True) as bar:
+    counts = (DownloadColumn(), TimeRemainingColumn()) if in_bytes else \
+        ("{task.completed}/{task.total}",)
+    with RichProgress("[progress.description]{task.description}", BarColumn(), *counts,
+                      console=err, transient=True) as bar:
         task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+        def update(done: int, total: int, what: str | None = None) -> None:
+            bar.update(task, completed=done, total=total,
+                       description=f"{label}: {what}" if what else label)
+
+        yield update
 
 
 @app.command()
@@ -53,12 +90,13 @@ def merge(
     base: Annotated[str, typer.Argument(help="Base model: a directory or org/name[@rev].")],
     finetune: Annotated[str, typer.Argument(help="Fine-tune or LoRA adapter: directory or id.")],
     out: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
-    method: Annotated[str, typer.Option(help="linear, slerp, task_arithmetic, ties, "
-                                             "dare_linear or dare_ties.")] = "linear",
+    method: Annotated[str, MethodOption] = "linear",
     weight: Annotated[float, typer.Option(help="Lambda: the fine-tune's weight in [0, 1].")] = 0.5,
     density: Annotated[float | None, typer.Option(
-        help="Share of the task vector kept by ties / dare_* (default 0.5).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed for dare_*.")] = 0,
+        help="Share of the task vector kept, for the methods that take a density "
+        "(default 0.5).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed, for the methods that draw "
+                                           "random masks.")] = 0,
     dtype: Annotated[str | None, typer.Option(
         help="Output dtype: float32, float16 or bfloat16 (default: the fine-tune's).")] = None,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB.")] = "5GB",
@@ -74,16 +112,16 @@ def merge(
     as_json: JsonFlag = False,
 ) -> None:
     """Merge BASE and FINETUNE into OUT: lambda = --weight is the fine-tune's share."""
-    from bot.merge.engine import MergeRequest, merge_models
+    from bot.merge.engine import MergeRequest
+    from bot.stages import merge_refs
 
     req = MergeRequest(base, finetune, out, method, weight, density, seed, dtype, shard_size,
                        device, as_adapter, allow_pickle, overwrite)
-    with _progress("merging", as_json) as progress:
-        result = merge_models(req, progress=progress, quiet=as_json).to_dict()
+    with _progress("merging", as_json, in_bytes=True) as progress:
+        result = merge_refs(req, progress=progress, quiet=as_json)
     _emit(result, as_json, lambda r: err.print(
-        f"merged {r['merged_tensors']}/{r['tensors']} tensors ({r['method']}, lambda "
-        f"{r['weight']}) into {r['out']}: {len(r['files'])} file(s), "
-        f"{r['bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s"))
+        f"merged {r.merged_tensors}/{r.tensors} tensors ({r.method}, lambda {r.weight}) "
+        f"into {r.out}: {len(r.files)} file(s), {r.bytes / 1e6:.1f} MB in {r.seconds:.1f} s"))
 
 
 @app.command()
@@ -101,31 +139,33 @@ def demo(
     from bot.demo import run_demo
 
     _quiet_libraries()
-    result = run_demo(workdir, zoo, log=(lambda _: None) if as_json else
-                      (lambda m: err.print(m, markup=False, highlight=False)))
+    with _local_hub_errors():
+        result = run_demo(workdir, zoo, log=_log(as_json))
     _emit(result, as_json, _print_demo)
 
 
-def _print_demo(r: dict) -> None:
+def _print_demo(r: DemoResult) -> None:
     from rich.table import Table
 
-    _print_cycle(r)
+    from bot.results import Processed
+
+    _print_cycle(r.cycle)
     table = Table(title="merged and published")
     for column in ("fine-tune", "decision", "lambda", "ASR before", "ASR after", "retention",
                    "link"):
         table.add_column(column)
-    for p in r["processed"]:
-        if "asr" not in p:
+    for p in r.cycle.processed:
+        if not isinstance(p, Processed):
             continue
-        link = next(iter((p.get("links") or {}).values()), "")
-        table.add_row(p["repo"], p["decision"], str(p["selection"]["weight"]),
-                      f"{p['asr']['finetune']:.2f}",
-                      "" if p["asr"]["merged"] is None else f"{p['asr']['merged']:.2f}",
-                      "" if p["retention"] is None else f"{p['retention']:.2f}", link)
+        link = next(iter(p.publication.links.values()), "")
+        table.add_row(p.repo, p.publication.decision, str(p.selection.weight),
+                      f"{p.asr.finetune:.2f}",
+                      "" if p.asr.merged is None else f"{p.asr.merged:.2f}",
+                      "" if p.retention is None else f"{p.retention:.2f}", link)
     if table.rows:
         err.print(table)
-    err.print(f"demo done in {r['total_seconds']} s; browse the hub with `safeguard-bot hub "
-              f"serve {r['hub']}`; run the demo again and nothing new is published.",
+    err.print(f"demo done in {r.total_seconds} s; browse the hub with `safeguard-bot hub "
+              f"serve {r.hub}`; run the demo again and nothing new is published.",
               markup=False)
 
 
@@ -136,7 +176,7 @@ def sweep(
     finetune: Annotated[str, typer.Argument(help="Fine-tune or LoRA adapter: directory or id.")],
     grid: Annotated[str | None, typer.Option(
         help="Lambdas to evaluate, e.g. 0.2,0.4,0.5,0.6,0.8 (default from settings).")] = None,
-    method: Annotated[str | None, typer.Option(help="Merge method (default linear).")] = None,
+    method: Annotated[str | None, MethodOption] = None,
     report: Annotated[Path | None, typer.Option(
         help="Write the report here (JSON with the raw generations) and its plot (.png).")]
     = None,
@@ -148,15 +188,16 @@ def sweep(
     from transformers.utils import logging as hf_logging
 
     from bot.config import load_settings
-    from bot.evaluate.sweep import run_sweep, write_report
+    from bot.evaluate.sweep import write_report
+    from bot.stages import sweep_refs
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     extra = [f"sweep.grid={grid}"] if grid else []
     extra += [f"sweep.method={method}"] if method else []
     settings = load_settings(config, [*(overrides or []), *extra])
-    with _steps("sweep", as_json) as progress:
-        result = run_sweep(base, finetune, settings, progress)
+    with _progress("sweep", as_json) as progress:
+        result = sweep_refs(base, finetune, settings, progress)
     out = result.to_dict()
     if report:
         json_path, png_path = write_report(result, report)
@@ -184,20 +225,21 @@ def _print_sweep(r: dict) -> None:
         err.print(f"report: {r['report']}, plot: {r['plot']}", markup=False)
 
 
-@contextmanager
-def _steps(label: str, quiet: bool) -> Iterator[Callable[[int, int, str], None] | None]:
-    """A step progress bar (i of n, what) on stderr, or nothing when quiet or not a terminal."""
-    if quiet or not err.is_terminal:
-        yield None
-        return
-    with Progress("[progress.description]{task.description}", BarColumn(),
-                  "{task.completed}/{task.total}", console=err, transient=True) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total, what: bar.update(task, completed=done, total=total,
-                                                   description=f"{label}: {what}")
-
-
 hub_app = typer.Typer(no_args_is_help=True, help="The local Hub-compatible server.")
+
+
+@contextmanager
+def _local_hub_errors() -> Iterator[None]:
+    """The local hub's own errors as the bot's: a bad argument exits 2, the rest as Hub errors."""
+    from bot.errors import HubError, UsageError
+    from bot.localhub import LocalHubError, LocalHubUsageError
+
+    try:
+        yield
+    except LocalHubUsageError as e:
+        raise UsageError(str(e)) from e
+    except LocalHubError as e:
+        raise HubError(str(e)) from e
 app.add_typer(hub_app, name="hub")
 
 
@@ -214,14 +256,15 @@ def hub_serve(
     from bot.errors import UsageError
     from bot.localhub import LocalHub
 
-    hub = LocalHub(directory)
-    for spec in users or []:
-        name, _, rest = spec.partition(":")
-        token, _, orgs = rest.partition(":")
-        if not name or not token:
-            raise UsageError(f"--user wants NAME:TOKEN[:ORG1,ORG2], not {spec!r}")
-        hub.add_user(name, token, [o for o in orgs.split(",") if o])
-    hub.start(port, host)
+    with _local_hub_errors():
+        hub = LocalHub(directory)
+        for spec in users or []:
+            name, _, rest = spec.partition(":")
+            token, _, orgs = rest.partition(":")
+            if not name or not token:
+                raise UsageError(f"--user wants NAME:TOKEN[:ORG1,ORG2], not {spec!r}")
+            hub.add_user(name, token, [o for o in orgs.split(",") if o])
+        hub.start(port, host)
     if as_json:
         print(json.dumps({"url": hub.url, "directory": str(directory)}), flush=True)
     err.print(f"local hub serving {directory} at {hub.url} (Ctrl-C stops it)", markup=False)
@@ -253,8 +296,7 @@ def zoo_build(
 
     hf_logging.disable_progress_bar()
     recipe = Recipe.with_overrides(overrides or [])
-    report = build_zoo(directory, recipe, force=force,
-                       log=(lambda _: None) if as_json else (lambda m: err.print(m)))
+    report = build_zoo(directory, recipe, force=force, log=_log(as_json))
 
     def human(r: dict) -> None:
         cached = " (cached)" if r["cached"] else ""
@@ -289,7 +331,7 @@ def run(
         raise typer.BadParameter("give --once (the daemon is `safeguard-bot watch`)")
     _quiet_libraries()
     result = run_once(load_settings(config, overrides or []), workdir, discover_only,
-                      log=(lambda _: None) if as_json else (lambda m: err.print(m)))
+                      log=_log(as_json))
     _emit(result, as_json, _print_cycle)
 
 
@@ -326,35 +368,41 @@ def process(
 
     _quiet_libraries()
     result = process_one(ref, load_settings(config, overrides or []), workdir,
-                         log=(lambda _: None) if as_json else (lambda m: err.print(m)))
+                         log=_log(as_json))
     _emit(result, as_json, lambda r: err.print(_outcome_line(r), markup=False))
 
 
 def _quiet_libraries() -> None:
-    from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
+
+    from bot import hub
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    disable_progress_bars()
+    hub.hide_progress_bars()
 
 
-def _outcome_line(r: dict) -> str:
-    line = f"{r['repo']}@{r['revision'][:8]}: {r['status']}"
-    if "decision" in r:
-        line += f" ({r['decision']})"
-    line += f": {r.get('reason', '')}"
-    links = r.get("links") or {}
+def _outcome_line(outcome: CandidateOutcome) -> str:
+    """One candidate's outcome for people: status, decision, reason, links."""
+    from bot.results import Processed
+
+    line = f"{outcome.repo}@{outcome.revision[:8]}: {outcome.status}"
+    links: dict[str, str] = {}
+    if isinstance(outcome, Processed):
+        line += f" ({outcome.publication.decision})"
+        links = outcome.publication.links
+    line += f": {outcome.reason}"
     return line + "".join(f"\n    {k}: {v}" for k, v in links.items())
 
 
-def _print_cycle(r: dict) -> None:
-    err.print(f"{len(r['candidates'])} new candidate(s), {len(r['skips'])} skipped, "
-              f"{r['already_seen']} already seen, {r['deferred']} deferred; "
-              f"{len(r['processed'])} processed ({r['seconds']} s)", markup=False)
-    for s in r["skips"]:
-        err.print(f"  skip {s['repo']}@{s['revision'][:8]}: {s['reason']}", markup=False)
-    for p in r["processed"]:
+def _print_cycle(r: CycleResult) -> None:
+    found = r.discovery
+    err.print(f"{len(found.candidates)} new candidate(s), {len(found.skips)} skipped, "
+              f"{found.already_seen} already seen, {found.deferred} deferred; "
+              f"{len(r.processed)} processed ({r.seconds} s)", markup=False)
+    for s in found.skips:
+        err.print(f"  skip {s.repo}@{s.revision[:8]}: {s.reason}", markup=False)
+    for p in r.processed:
         err.print("  " + _outcome_line(p), markup=False)
 
 
@@ -380,7 +428,7 @@ def serve_webhooks(
 
     settings = load_settings(config, overrides or [])
     server = WebhookServer(settings, workdir, resolve_secret(settings), host, port,
-                           log=lambda line: err.print(line, markup=False, highlight=False))
+                           log=_log(quiet=False))
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     server.start()

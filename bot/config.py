@@ -72,6 +72,8 @@ class PolicySettings(_Section):
     min_asr_drop: float = 0.10  # the chosen merge must lower ASR this much below the fine-tune's
 
 
+# owners who want a pull request tag their repo with it (the default of watch.opt_in_tag)
+OPT_IN_TAG = "safeguard"
 # the safety-aligned instruct models of the paper (BACKGROUND.md)
 PAPER_BASES = [
     "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
@@ -85,7 +87,7 @@ class WatchSettings(_Section):
 
     bases: list[str] = PAPER_BASES
     relations: list[Literal["finetune", "adapter"]] = ["finetune", "adapter"]
-    opt_in_tag: str = "safeguard"  # owners who want a pull request tag their repo with it
+    opt_in_tag: str = OPT_IN_TAG  # owners who want a pull request tag their repo with it
     max_candidates: int = Field(20, ge=1)  # new candidates per cycle (the rest wait)
     scan_per_base: int = Field(200, ge=1)  # newest repos looked at per base and relation
     max_model_gb: float = Field(20.0, gt=0)  # larger fine-tunes are skipped
@@ -109,6 +111,9 @@ class PublishSettings(_Section):
         "qwen"]
     feed_repo: str | None = None  # the results dataset (default: <variant owner>/safeguard-results)
     feed_dir: str | None = None  # local feed files (default: <workdir>/feed)
+    # a folder with your own copies of the model card, PR text and leaderboard templates
+    # (default: the bot's, templates/); a template missing from it falls back to the bot's
+    templates_dir: str | None = None
 
 
 class LedgerSettings(_Section):
@@ -175,6 +180,11 @@ def load_settings(path: Path | None = None, overrides: list[str] | None = None) 
         raise UsageError(f"invalid settings: {problems}") from None
 
 
+# The environment layer is written by hand rather than with pydantic-settings: it is a dozen
+# lines that turn each variable into a --set item, so values parse exactly as --set parses them
+# (JSON, comma lists, one item for a list setting) and the order file < environment < --set
+# stays one loop; pydantic-settings would add a dependency, a second parser for the same values
+# and custom source ordering to keep that precedence.
 ENV_PREFIX = "SAFEGUARD_"
 
 

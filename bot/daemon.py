@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bot.config import Settings
+from bot.results import CycleResult
 
 log = logging.getLogger("safeguard")
 
@@ -52,7 +53,7 @@ def trigger(settings: Settings):
 
 
 def watch(settings: Settings, workdir: Path, max_cycles: int | None = None,
-          cycle: Callable[..., dict] | None = None) -> int:
+          cycle: Callable[..., CycleResult] | None = None) -> int:
     """Run cycles until SIGTERM/SIGINT (or `max_cycles`); returns the number of cycles run."""
     from apscheduler.schedulers.blocking import BlockingScheduler
 
@@ -109,18 +110,18 @@ def watch(settings: Settings, workdir: Path, max_cycles: int | None = None,
     return done["cycles"]
 
 
-def health(result: dict, seconds: float, number: int) -> None:
-    processed = result.get("processed", [])
-    counts = {k: sum(p.get("status") == k for p in processed)
-              for k in ("published", "skipped", "failed")}
-    log.info(f"health: cycle {number} in {seconds:.1f} s: {len(result['candidates'])} new, "
-             f"{len(result['skips'])} skipped at discovery, {result['already_seen']} seen, "
-             f"{result['deferred']} deferred; processed {len(processed)} (published "
+def health(result: CycleResult, seconds: float, number: int) -> None:
+    """Log one line on how a cycle went (with its numbers as data, for --log-json)."""
+    found = result.discovery
+    counts = {k: result.count(k) for k in ("published", "skipped", "failed")}
+    log.info(f"health: cycle {number} in {seconds:.1f} s: {len(found.candidates)} new, "
+             f"{len(found.skips)} skipped at discovery, {found.already_seen} seen, "
+             f"{found.deferred} deferred; processed {len(result.processed)} (published "
              f"{counts['published']}, not published {counts['skipped']}, failed "
-             f"{counts['failed']})" + ("; stopped" if result.get("stopped") else ""),
+             f"{counts['failed']})" + ("; stopped" if result.stopped else ""),
              extra={"data": {"event": "health", "cycle": number, "seconds": round(seconds, 3),
-                             "new": len(result["candidates"]), "skips": len(result["skips"]),
-                             "deferred": result["deferred"], **counts}})
+                             "new": len(found.candidates), "skips": len(found.skips),
+                             "deferred": found.deferred, **counts}})
 
 
 def _now():

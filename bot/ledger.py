@@ -214,7 +214,7 @@ class Ledger:
                links: dict[str, Any] | None = None) -> None:
         """End a claim as published, skipped or failed (failed as in `fail`), with the
         selection and links to record."""
-        _check(status, STATUSES, "status")
+        _require_one_of(status, STATUSES, "status")
         if status not in FINISHED:
             raise UsageError(f"finish takes one of {', '.join(FINISHED)}, not {status!r}")
         if status == "failed" and entry.attempts >= self.max_attempts:
@@ -250,7 +250,7 @@ class Ledger:
         """Every entry (or those with `status`), oldest first."""
         query = sa.select(table).order_by(table.c.created_at, table.c.repo, table.c.revision)
         if status is not None:
-            _check(status, STATUSES, "status")
+            _require_one_of(status, STATUSES, "status")
             query = query.where(table.c.status == status)
         with self._tx(read=True) as conn:
             return [_entry(row) for row in conn.execute(query)]
@@ -341,7 +341,7 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _check(value: str, allowed: tuple[str, ...], what: str) -> None:
+def _require_one_of(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise UsageError(f"unknown ledger {what} {value!r}: use one of {', '.join(allowed)}")
 
@@ -362,7 +362,7 @@ def _new_row(repo: str, revision: str, kind: str, base: str | None, status: str,
              reason: str) -> dict[str, Any]:
     if not repo or not revision:
         raise UsageError(f"a ledger entry needs a repo and a revision, not {repo!r}@{revision!r}")
-    _check(kind, KINDS, "kind")
+    _require_one_of(kind, KINDS, "kind")
     now = _now()
     return {"repo": repo, "revision": revision, "kind": kind, "base": base, "status": status,
             "reason": reason, "attempts": 0, "created_at": now, "updated_at": now}

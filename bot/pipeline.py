@@ -1,9 +1,10 @@
 """The bot's cycle: discover -> (per candidate) checks -> sweep -> selection -> merge -> card ->
 publish -> feed -> ledger.
 
-The pipeline knows no Hub or tensor details: discovery and checks are bot/watch.py, the sweep
-bot/evaluate/sweep.py, the merge bot/merge/engine.py, publishing bot/publish/, memory
-bot/ledger.py. Each step's time is recorded in the result.
+The pipeline knows no Hub or tensor details: discovery and checks are bot/discovery.py, turning Hub
+ids into local snapshots bot/hub.py, the sweep bot/evaluate/sweep.py (through bot/stages.py),
+the merge bot/merge/engine.py, publishing bot/publish/, memory bot/ledger.py. Each step's time
+is recorded in the result, a frozen dataclass of bot/results.py.
 """
 
 from __future__ import annotations
@@ -16,8 +17,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bot.config import Settings
+from bot.discovery import Candidate, Discovery, Skip, candidate_for, discover
 from bot.errors import SafeguardError
-from bot.watch import Candidate, Skip, candidate_for, discover
+from bot.results import (
+    AsrChange,
+    CandidateOutcome,
+    CycleResult,
+    NotProcessed,
+    Processed,
+    RetryItem,
+    Skipped,
+)
 
 Log = Callable[[str], None]
 Stop = Callable[[], bool]
@@ -27,7 +37,7 @@ class Stopped(Exception):
     """Asked to stop (the daemon's SIGTERM) in the middle of a candidate."""
 
 
-def _check(stop: Stop) -> None:
+def _raise_if_stopped(stop: Stop) -> None:
     if stop():
         raise Stopped("stopped before it finished (SIGTERM)")
 
@@ -43,6 +53,8 @@ def open_ledger(settings: Settings, workdir: Path):
 
 
 class Timer:
+    """Seconds per named step; `announce(name)` runs as each step starts."""
+
     def __init__(self, announce: Log = lambda _: None) -> None:
         self.seconds: dict[str, float] = {}
         self.announce = announce
@@ -59,49 +71,65 @@ class Timer:
 
 
 def run_once(settings: Settings, workdir: Path, discover_only: bool = False,
-             log: Log = lambda _: None, stop: Callable[[], bool] = lambda: False) -> dict:
+             log: Log = lambda _: None, stop: Stop = lambda: False) -> CycleResult:
     """One cycle: record new candidates and skips, then process every claimable candidate.
 
     `stop()` is asked between candidates (the daemon's SIGTERM): the cycle ends early and
-    leaves the rest queued.
+    leaves the rest queued. With `discover_only`, nothing is processed and the result lists
+    what is left to retry instead.
     """
-    from bot.ledger import default_worker
-
     started = time.perf_counter()
     ledger = open_ledger(settings, workdir)
     try:
-        found = discover(settings, seen=lambda repo, rev: ledger.seen(repo, rev) is not None)
-        for c in found.candidates:
-            ledger.enqueue(c.repo, c.revision, c.kind, c.base)
-        for s in found.skips:
-            ledger.skip(s.repo, s.revision, s.reason, s.kind, s.base)
-        result = {**found.to_dict(), "processed": [], "stopped": False}
-        if discover_only:  # what a separate processor (the Actions matrix) should also take
-            new = {(c.repo, c.revision) for c in found.candidates}
-            result["retry"] = [
-                {"repo": e.repo, "revision": e.revision, "kind": e.kind, "base": e.base,
-                 "status": e.status, "attempts": e.attempts}
-                for e in ledger.claimable() if (e.repo, e.revision) not in new]
-        worker = default_worker()
-        while not discover_only and not stop():
-            entry = ledger.claim(worker)
-            if entry is None:
-                break
-            log(f"processing {entry.repo}@{entry.revision[:8]}")
-            try:
-                result["processed"].append(_process_entry(ledger, entry, settings, workdir,
-                                                           log=log, stop=stop))
-            except Stopped:
-                log(f"released {entry.repo}@{entry.revision[:8]}: stopping")
-                break
-        result["stopped"] = stop()
+        found = _discover(ledger, settings)
+        retry = _left_to_retry(ledger, found) if discover_only else None
+        processed = () if discover_only else _process_queue(ledger, settings, workdir, log, stop)
+        stopped = stop()
     finally:
         ledger.close()
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    return result
+    return CycleResult(found, processed, stopped, round(time.perf_counter() - started, 3), retry)
 
 
-def process_one(ref: str, settings: Settings, workdir: Path, log: Log = lambda _: None) -> dict:
+def _discover(ledger, settings: Settings) -> Discovery:
+    """Discovery, with what it found recorded: candidates queued, skips with their reasons."""
+    found = discover(settings, is_known=lambda repo, rev: ledger.seen(repo, rev) is not None)
+    for c in found.candidates:
+        ledger.enqueue(c.repo, c.revision, c.kind, c.base)
+    for s in found.skips:
+        ledger.skip(s.repo, s.revision, s.reason, s.kind, s.base)
+    return found
+
+
+def _left_to_retry(ledger, found: Discovery) -> tuple[RetryItem, ...]:
+    """What a separate processor (the Actions matrix) should take besides the new candidates:
+    queued entries and failed ones with attempts left."""
+    new = {(c.repo, c.revision) for c in found.candidates}
+    return tuple(RetryItem(e.repo, e.revision, e.kind, e.base, e.status, e.attempts)
+                 for e in ledger.claimable() if (e.repo, e.revision) not in new)
+
+
+def _process_queue(ledger, settings: Settings, workdir: Path, log: Log,
+                   stop: Stop) -> tuple[CandidateOutcome, ...]:
+    """Claim and process entries until none is left or `stop()` says so."""
+    from bot.ledger import default_worker
+
+    worker, processed = default_worker(), []
+    while not stop():
+        entry = ledger.claim(worker)
+        if entry is None:
+            break
+        log(f"processing {entry.repo}@{entry.revision[:8]}")
+        try:
+            processed.append(_process_entry(ledger, entry, settings, workdir, log=log,
+                                            stop=stop))
+        except Stopped:
+            log(f"released {entry.repo}@{entry.revision[:8]}: stopping")
+            break
+    return tuple(processed)
+
+
+def process_one(ref: str, settings: Settings, workdir: Path,
+                log: Log = lambda _: None) -> CandidateOutcome:
     """`process REPO[@REV]`: one candidate end to end, through the ledger (never twice)."""
     from bot.ledger import default_worker
 
@@ -111,16 +139,16 @@ def process_one(ref: str, settings: Settings, workdir: Path, log: Log = lambda _
     try:
         known = ledger.seen(found.repo, found.revision)
         if known is not None and known.status in ("published", "skipped", "running"):
-            return {"repo": found.repo, "revision": found.revision, "status": known.status,
-                    "reason": f"already {known.status} at this revision: {known.reason}"}
+            return NotProcessed(found.repo, found.revision, known.status,
+                                f"already {known.status} at this revision: {known.reason}")
         if isinstance(found, Skip):
             ledger.skip(found.repo, found.revision, found.reason, found.kind, found.base)
-            return {**found.to_dict(), "status": "skipped"}
+            return Skipped(found)
         ledger.enqueue(found.repo, found.revision, found.kind, found.base)
         entry = ledger.claim(default_worker(), found.repo, found.revision)
         if entry is None:
-            return {"repo": found.repo, "revision": found.revision, "status": "unclaimable",
-                    "reason": "another worker holds it, or it ran out of attempts"}
+            return NotProcessed(found.repo, found.revision, "unclaimable",
+                                "another worker holds it, or it ran out of attempts")
         log(f"processing {found.repo}@{found.revision[:8]}")
         return _process_entry(ledger, entry, settings, workdir, found, log)
     finally:
@@ -128,24 +156,22 @@ def process_one(ref: str, settings: Settings, workdir: Path, log: Log = lambda _
 
 
 def _process_entry(ledger, entry, settings: Settings, workdir: Path,
-                   candidate: Candidate | None = None, log: Log = lambda _: None,
-                   stop: Stop = lambda: False) -> dict:
+                   candidate: Candidate | Skip | None = None, log: Log = lambda _: None,
+                   stop: Stop = lambda: False) -> CandidateOutcome:
     """Process a claimed entry; the ledger ends published, skipped or failed (retryable), or,
     when stopped mid-way, the entry is released (queued again, the attempt not counted)."""
     try:
         if candidate is None:  # claimed from the queue (discovery or a webhook)
-            candidate = candidate_for(entry.repo, entry.revision, settings)
-            if isinstance(candidate, Candidate) and candidate.base not in settings.watch.bases:
-                candidate = Skip(candidate.repo, candidate.revision, candidate.base,
-                                 candidate.kind, f"its base {candidate.base} is not watched")
+            candidate = _judge_again(entry, settings)
         if isinstance(candidate, Skip):
             ledger.finish(entry, "skipped", candidate.reason)
-            return {**candidate.to_dict(), "status": "skipped"}
-        def checkpoint() -> bool:  # between steps and sweep points: renew the lease
+            return Skipped(candidate)
+
+        def renew_and_ask() -> bool:  # between steps and sweep points: renew the lease
             ledger.heartbeat(entry)
             return stop()
 
-        outcome = process(candidate, settings, workdir, log, checkpoint)
+        outcome = process(candidate, settings, workdir, log, renew_and_ask)
     except Stopped as e:
         ledger.release(entry, str(e))
         raise
@@ -153,54 +179,54 @@ def _process_entry(ledger, entry, settings: Settings, workdir: Path,
         ledger.fail(entry, str(e))
         with suppress(SafeguardError):  # the ledger has the failure either way
             _feed(settings, workdir, [_failure_record(entry, str(e))])
-        return {"repo": entry.repo, "revision": entry.revision, "status": "failed",
-                "reason": str(e)}
-    status = "published" if outcome["decision"] in ("pull-request", "variant") else "skipped"
-    ledger.finish(entry, status, outcome["reason"], selection=outcome.get("selection"),
-                  links=outcome.get("links"))
-    return {**outcome, "status": status}
+        return NotProcessed(entry.repo, entry.revision, "failed", str(e))
+    ledger.finish(entry, outcome.status, outcome.reason, selection=asdict(outcome.selection),
+                  links=outcome.publication.links)
+    return outcome
+
+
+def _judge_again(entry, settings: Settings) -> Candidate | Skip:
+    """A queued entry examined as discovery would, now; a base no longer watched is a skip."""
+    found = candidate_for(entry.repo, entry.revision, settings)
+    if isinstance(found, Candidate) and found.base not in settings.watch.bases:
+        return Skip(found.repo, found.revision, found.base, found.kind,
+                    f"its base {found.base} is not watched")
+    return found
 
 
 def process(candidate: Candidate, settings: Settings, workdir: Path,
-            log: Log = lambda _: None, stop: Stop = lambda: False) -> dict:
+            log: Log = lambda _: None, stop: Stop = lambda: False) -> Processed:
     """Sweep, merge the selected lambda, publish, feed. Returns what happened and its timings.
 
     Each step is logged as "REPO: step NAME" before it starts (the daemon's log, and the
     kill-at-any-step test's cue); `stop()` is checked before each step and between the
     sweep's points, so a stop request releases the candidate within one evaluation."""
-    from bot.evaluate.sweep import run_sweep, write_report
-    from bot.merge.engine import MergeRequest, merge_models
+    from bot import hub
+    from bot.evaluate.sweep import write_report
     from bot.publish import feed
     from bot.publish.publisher import publish
+    from bot.stages import sweep_dirs
 
     def announce(name: str) -> None:
         if name != "feed":  # once published, finish: the feed and the ledger must say so
-            _check(stop)
+            _raise_if_stopped(stop)
         log(f"{candidate.repo}: step {name}")
 
     timer = Timer(announce)
     ft_ref = f"{candidate.repo}@{candidate.revision}"
-    ev = settings.evaluate
-    if candidate.repo in ev.task_files:
-        ev = ev.model_copy(update={"task_file": ev.task_files[candidate.repo]})
-    sweep_settings = settings.model_copy(update={"evaluate": ev})
     with timer.step("sweep"):
-        report = run_sweep(candidate.base, ft_ref, sweep_settings,
-                           lambda i, n, what: _check(stop))
+        base_dir = hub.resolve_model(candidate.base, quiet=True)
+        ft_dir = hub.resolve_model(ft_ref, quiet=True)
+        report = sweep_dirs(base_dir, ft_dir, _sweep_settings(candidate, settings),
+                            lambda i, n, what: _raise_if_stopped(stop), (candidate.base, ft_ref))
     name = f"{candidate.repo.replace('/', '--')}@{candidate.revision[:12]}"
     report_path, plot = write_report(report, workdir / "reports" / f"{name}.json")
     merged = None
-    wants_weights = candidate.action in ("pull-request", "variant")
-    if report.selection.publish and wants_weights:
+    if report.selection.publish and candidate.action in ("pull-request", "variant"):
         merged = workdir / "merged" / name
-        s = settings.sweep
         with timer.step("merge"):
-            merge_models(MergeRequest(
-                candidate.base, ft_ref, merged, s.method, report.selection.weight,
-                s.density if s.method in ("ties", "dare_linear", "dare_ties") else None,
-                s.seed, s.dtype, device=s.device,
-                as_adapter=candidate.kind == "adapter" and candidate.action == "pull-request"
-                and s.method == "linear", overwrite=True), quiet=True)
+            _merge_selected(candidate, base_dir, ft_dir, report.selection.weight, merged,
+                            settings)
     with timer.step("publish"):
         publication = publish(candidate, report, merged, plot, settings)
     record = feed.record(candidate.repo, candidate.revision, candidate.base,
@@ -209,27 +235,45 @@ def process(candidate: Candidate, settings: Settings, workdir: Path,
         _feed(settings, workdir, [record])
     if merged is not None:
         shutil.rmtree(merged, ignore_errors=True)  # published; the report stays
-    selection = asdict(report.selection)
-    return {"repo": candidate.repo, "revision": candidate.revision, "base": candidate.base,
-            "kind": candidate.kind, "action": candidate.action,
-            "decision": publication.decision, "reason": publication.reason,
-            "links": publication.links, "selection": selection,
-            "asr": {"base": report.base_point.asr, "finetune": report.finetune_point.asr,
-                    "merged": record.asr_merged},
-            "retention": record.retention, "report": str(report_path),
-            "timings": {**timer.seconds, **{f"sweep_{k}": v for k, v in report.timings.items()
-                                             if k.endswith("_seconds")}}}
+    return Processed(
+        candidate, publication, report.selection,
+        AsrChange(report.base_point.asr, report.finetune_point.asr, record.asr_merged),
+        record.retention, str(report_path),
+        {**timer.seconds, **{f"sweep_{k}": v for k, v in report.timings.items()
+                             if k.endswith("_seconds")}})
+
+
+def _sweep_settings(candidate: Candidate, settings: Settings) -> Settings:
+    """The settings with the candidate's own task file, where config names one."""
+    ev = settings.evaluate
+    if candidate.repo in ev.task_files:
+        ev = ev.model_copy(update={"task_file": ev.task_files[candidate.repo]})
+    return settings.model_copy(update={"evaluate": ev})
+
+
+def _merge_selected(candidate: Candidate, base_dir: Path, ft_dir: Path, weight: float | None,
+                    out: Path, settings: Settings) -> None:
+    """Write the selected merge (an adapter for an adapter's pull request, where the method
+    keeps the low-rank form) into `out`."""
+    from bot.merge.engine import MergeRequest, merge_models
+    from bot.merge.methods import method_named
+
+    s = settings.sweep
+    method = method_named(s.method)
+    merge_models(MergeRequest(
+        base_dir, ft_dir, out, s.method, weight, s.density if method.uses_density else None,
+        s.seed, s.dtype, device=s.device,
+        as_adapter=candidate.kind == "adapter" and candidate.action == "pull-request"
+        and method.keeps_adapter_form, overwrite=True), quiet=True)
 
 
 def _feed(settings: Settings, workdir: Path, records: list) -> None:
     """Write the records locally, then append them to the results dataset on the Hub."""
-    from bot import hub
     from bot.publish import feed
 
-    feed.write_local(records, Path(settings.publish.feed_dir or workdir / "feed"))
-    repo = settings.publish.feed_repo or \
-        f"{settings.publish.variant_owner or hub.whoami()}/safeguard-results"
-    feed.push(records, repo)
+    feed.write_local(records, Path(settings.publish.feed_dir or workdir / "feed"),
+                     settings.publish.templates_dir)
+    feed.push(records, feed.results_repo(settings.publish))
 
 
 def _failure_record(entry, reason: str):

@@ -34,11 +34,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-
 from bot.config import Settings
 from bot.errors import LedgerError, UsageError
+from bot.hub import is_repo_id
 
 SECRET_ENV = "SAFEGUARD_WEBHOOK_SECRET"
 SECRET_HEADER = "X-Webhook-Secret"
@@ -116,10 +114,8 @@ def parse_payload(body: bytes) -> RepoUpdate | str:
         raise _Refused(400, "repo.headSha is missing or not a string")
     if not SHA.fullmatch(sha):
         raise _Refused(400, f"repo.headSha {_show(sha)} is not a 40-digit commit sha")
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise _Refused(400, f"repo.name {_show(name)} is not a Hub repo id") from None
+    if not is_repo_id(name):
+        raise _Refused(400, f"repo.name {_show(name)} is not a Hub repo id")
     if scope == "repo.content" and refs \
             and not any(r["ref"] == MAIN_REF and r.get("newSha") for r in refs):
         shown = ", ".join(_show(r["ref"]) for r in refs[:5])

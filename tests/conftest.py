@@ -77,13 +77,13 @@ def localhub(tmp_path_factory):
     still cannot reach huggingface.co (they fail at once with OfflineModeIsEnabled) but reach
     the local hub. Xet is not supported by the local hub, so `constants.HF_HUB_DISABLE_XET`
     (also read at import) is set to True and HF_HUB_DISABLE_XET=1 exported. Everything is
-    restored when the session ends. The environment variable HF_HUB_OFFLINE stays "1" for
-    subprocesses; `localhub.env()` overrides it.
+    restored when the session ends (bot/hub.py `client_settings`). The environment variable
+    HF_HUB_OFFLINE stays "1" for subprocesses; `localhub.env()` overrides it.
     """
     import huggingface_hub
-    from huggingface_hub import constants
     from huggingface_hub.utils._http import default_client_factory
 
+    from bot.hub import client_settings
     from bot.localhub import LocalHub
 
     def client_factory():
@@ -92,22 +92,13 @@ def localhub(tmp_path_factory):
                               "response": client.event_hooks["response"]}
         return client
 
-    saved = (constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET,
-             os.environ.get("HF_HUB_DISABLE_XET"))
-    constants.HF_HUB_OFFLINE = False
-    constants.HF_HUB_DISABLE_XET = True
-    os.environ["HF_HUB_DISABLE_XET"] = "1"
     huggingface_hub.set_client_factory(client_factory)
     hub = LocalHub(tmp_path_factory.mktemp("localhub")).start(port=0)
     hub.add_user("alice", "hf_alice_token", orgs=["safeguard"])
     hub.add_user("bob", "hf_bob_token")
     try:
-        yield hub
+        with client_settings(offline=False, xet=False):
+            yield hub
     finally:
         hub.stop()
         huggingface_hub.set_client_factory(default_client_factory)
-        constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = saved[:2]
-        if saved[2] is None:
-            os.environ.pop("HF_HUB_DISABLE_XET", None)
-        else:
-            os.environ["HF_HUB_DISABLE_XET"] = saved[2]

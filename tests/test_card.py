@@ -8,9 +8,12 @@ README) and check that the output is still the card the bot meant to write.
 from __future__ import annotations
 
 import html
+import os
+import pickle
 import re
+import shutil
 import subprocess
-import tomllib
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,12 +30,11 @@ from bot.publish.card import (
     SECTION_START,
     TAGS,
     card_section,
-    md,
     merge_card,
     model_card,
     pull_request_text,
-    shell_arg,
 )
+from bot.publish.markdown import md, shell_arg
 
 CLEAN = {"base_repo": "zoo/zoo-base-it", "base_revision": "a" * 40,
          "finetune_repo": "alice/zoo-ft_flip", "finetune_revision": "b" * 40,
@@ -53,7 +55,7 @@ FRONT_MATTER = re.compile(r"---\n(.*?)\n---\n", re.S)
 def report(zoo):
     """A real three-point sweep of zoo-ft-flip (a few seconds)."""
     from bot.config import load_settings
-    from bot.evaluate.sweep import run_sweep
+    from bot.stages import sweep_refs as run_sweep
 
     zoo_dir, _ = zoo
     settings = load_settings("bot/zoo/evaluate.toml", [
@@ -386,10 +388,64 @@ def test_shell_arg_reads_back_exactly_in_bash(value):
     assert bash_words(f"safeguard-bot {quoted}", "safeguard-bot") == [value]
 
 
-def test_templates_ship_inside_the_package():
-    templates = Path(bot.__file__).parent / "templates"
+ROOT = Path(bot.__file__).resolve().parent.parent
+INSTALLED_CARD = """
+import pickle, sys
+import bot
+from bot.publish.card import model_card
+assert bot.__file__.startswith(sys.argv[1]), bot.__file__  # the wheel's, not the checkout's
+sys.stdout.write(model_card(pickle.load(open("report.pkl", "rb")), **eval(sys.argv[2])))
+"""
+
+
+def test_templates_live_at_the_top_and_the_checkout_finds_them():
+    from bot.publish.templates import default_dir
+
     for name in ("model_card.md.j2", "pull_request.md.j2", "card_section.md.j2",
-                 "_results.md.j2"):
-        assert (templates / name).is_file()
-    pyproject = tomllib.loads((Path(bot.__file__).parent.parent / "pyproject.toml").read_text())
-    assert "templates/*.j2" in pyproject["tool"]["setuptools"]["package-data"]["bot"]
+                 "_results.md.j2", "leaderboard.html.j2"):
+        assert (ROOT / "templates" / name).is_file()
+    assert not (ROOT / "bot" / "templates").exists()  # built into the wheel, not kept twice
+    assert default_dir() == ROOT / "templates"
+
+
+def test_an_installed_wheel_carries_the_templates_and_renders_a_card(report, tmp_path):
+    """Build the wheel from the sources the image copies, install it apart from the checkout,
+    and render the same card from it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("bot", "templates"):
+        shutil.copytree(ROOT / folder, src / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, timeout=120)
+    wheel = next((tmp_path / "dist").glob("safeguard_bot-*.whl"))
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel)], check=True, timeout=120)
+    assert (site / "bot" / "templates" / "model_card.md.j2").is_file()
+    (tmp_path / "report.pkl").write_bytes(pickle.dumps(report))
+    proc = subprocess.run([sys.executable, "-c", INSTALLED_CARD, str(site), repr(CLEAN)],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == model_card(report, **CLEAN)
+
+
+def test_an_operators_templates_come_first_and_the_defaults_fill_in(report, tmp_path):
+    from bot.config import load_settings
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "model_card.md.j2").write_text(
+        "{% import '_results.md.j2' as results %}\nOur merge of {{ finetune_repo }}.\n"
+        "{{ results.sweep_table(rows) }}")
+    settings = load_settings(None, [f"publish.templates_dir={own}"])
+    assert settings.publish.templates_dir == str(own)
+    card = model_card(report, **HOSTILE, templates_dir=str(own))
+    body = FRONT_MATTER.sub("", card, count=1)
+    assert body.startswith("Our merge of eve/ft") and "<img" not in body  # escaped as ever
+    assert table_rows(body)  # the default macros, from the bot's folder
+    assert card_section(report, **CLEAN, templates_dir=str(own)) == card_section(report, **CLEAN)

@@ -107,3 +107,10 @@ def test_unreachable_hub_is_a_hub_error(pair, tmp_path):
     assert proc.returncode == 7, proc.stderr
     assert "org/model: cannot reach the Hub" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_local_hub_errors_are_the_bots(tmp_path):
+    """The local hub has errors of its own; the command line maps them to its exit codes."""
+    proc = run("hub", "serve", tmp_path / "hub", "--user", "bad name:hf_token_123", "--json")
+    assert proc.returncode == 2 and json.loads(proc.stdout)["kind"] == "UsageError"
+    assert "Traceback" not in proc.stderr and "bad name" in proc.stderr

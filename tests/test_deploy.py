@@ -25,7 +25,7 @@ import typer
 import yaml
 
 from bot.cli import app
-from bot.watch import Candidate, Discovery, Skip
+from bot.discovery import Candidate, Discovery, Skip
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -487,6 +487,17 @@ def test_python_steps_are_ruff_clean(tmp_path):
 
 # --- Dockerfile and build context -------------------------------------------------------------
 
+def test_no_file_names_a_package_index():
+    """An index is the user's choice (a build argument, a repository variable): no file names
+    one, so an index flag is only ever followed by a variable."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    flag = re.compile(r"(index-url|find-links|trusted-host)[\s=\"']+[a-z]+[:.]", re.I)
+    named = [f"{f}: {m.group(0)}" for f in files if (ROOT / f).is_file()
+             for m in flag.finditer((ROOT / f).read_text(errors="replace"))]
+    assert files and named == []
+
+
 def test_dockerfile_shape():
     dockerfile_parse = pytest.importorskip(
         "dockerfile_parse", reason="dockerfile-parse is not installed (the dev extra)")
@@ -498,11 +509,10 @@ def test_dockerfile_shape():
     assert [k for k, _ in instructions].count("FROM") == 1
     args = {v.split("=")[0] for k, v in instructions if k == "ARG"}
     assert {"BASE_IMAGE", "TORCH_INDEX", "TORCH_VERSION"} <= args
-    assert re.search(r"ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$",
-                     DOCKERFILE.read_text(), re.M)
+    assert re.search(r"^ARG TORCH_INDEX=$", DOCKERFILE.read_text(), re.M)  # the user names it
     runs = [v for k, v in instructions if k == "RUN"]
     torch_run = next(r for r in runs if "torch==" in r)
-    assert '--index-url "${TORCH_INDEX}"' in torch_run and "${TORCH_VERSION}" in torch_run
+    assert 'export PIP_INDEX_URL="${TORCH_INDEX}"' in torch_run and "${TORCH_VERSION}" in torch_run
     assert runs.index(torch_run) < next(n for n, r in enumerate(runs) if "[postgres]" in r)
     user = [v for k, v in instructions if k == "USER"]
     assert user and user[-1].split(":")[0] not in ("root", "0")

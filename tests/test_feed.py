@@ -16,8 +16,8 @@ import pytest
 from huggingface_hub import hf_hub_download
 
 from bot.config import load_settings
-from bot.evaluate.sweep import run_sweep
 from bot.publish import feed
+from bot.stages import sweep_refs as run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 ATOM = "{http://www.w3.org/2005/Atom}"

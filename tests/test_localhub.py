@@ -39,8 +39,9 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import hf_raise_for_status
 from safetensors.numpy import save_file
 
-from bot.errors import HubError, UsageError
 from bot.localhub import LocalHub
+from bot.localhub import LocalHubError as HubError
+from bot.localhub import LocalHubUsageError as UsageError
 
 ALICE, BOB = "hf_alice_token", "hf_bob_token"
 CONFIG = json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})

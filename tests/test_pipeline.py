@@ -12,7 +12,8 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.config import load_settings
-from bot.evaluate.sweep import Evaluator
+from bot.stages import evaluator_for as Evaluator
+from bot.zoo import bars
 from bot.zoo.seed import seed_zoo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +35,6 @@ def cycle(localhub, zoo, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("work")
     args = ["--config", str(ROOT / "bot" / "zoo" / "evaluate.toml"),
             "--set", "watch.bases=safeguard/zoo-base-it",
-            # the zoo's sweet spots (flip 0.45, echo 0.5, LoRA 0.8, newtoken 0.4), fewer points
-            "--set", "sweep.grid=[0.4,0.45,0.5,0.8]",
             "--set", f"evaluate.task_files={json.dumps(task_files)}"]
     env = {**os.environ, **localhub.env("hf_bot_token")}
 
@@ -99,7 +98,9 @@ def test_the_published_variant_behaves_as_the_sweep_measured(cycle, zoo):
         f"evaluate.task_file={zoo[0] / 'prompts' / 'echo_heldout.jsonl'}"])
     point = Evaluator(settings.evaluate).measure(model, tok, echo["selection"]["weight"])
     assert point.asr == echo["asr"]["merged"]
-    assert echo["asr"]["merged"] <= echo["asr"]["finetune"] - 0.5
+    asr = echo["asr"]
+    assert asr["finetune"] - asr["merged"] >= \
+        bars.MERGE_MIN_SAFETY_BACK * (asr["finetune"] - asr["base"])
 
 
 def test_the_feed(cycle):

@@ -107,7 +107,7 @@ def test_discover_only_lists_what_is_left_to_retry(seeded, tmp_path):
 
 def test_prompt_sets_from_a_hub_dataset(localhub, monkeypatch):
     """`hf:owner/name[:split]` loads a dataset repo's JSONL through bot/hub.py."""
-    from bot.evaluate.prompts import load_prompt_set
+    from bot.prompt_sets import load_prompt_set
 
     alice = HfApi(endpoint=localhub.url, token="hf_alice_token")
     alice.create_repo("alice/harmful-set", repo_type="dataset")

@@ -17,9 +17,9 @@ import pytest
 from huggingface_hub import HfApi
 
 from bot.config import load_settings
+from bot.discovery import Candidate, candidate_for
 from bot.errors import UsageError
 from bot.ledger import Ledger
-from bot.watch import Candidate, candidate_for
 from bot.webhooks import SECRET_ENV, WebhookServer, resolve_secret
 from bot.zoo.seed import card, upload
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -51,13 +52,10 @@ class ClassifierJudge:
         self.model, self.tok, self.fmt, self.batch_size = model, tokenizer, fmt, batch_size
 
     @classmethod
-    def load(cls, ref: str, fmt: str, device: str = "cpu") -> ClassifierJudge:
-        """Load a guard from a directory or Hub id (safetensors only, no remote code)."""
+    def load(cls, path: str | Path, fmt: str, device: str = "cpu") -> ClassifierJudge:
+        """Load a guard from its directory (safetensors only, no remote code)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from bot.merge.engine import resolve_model
-
-        path = resolve_model(ref, quiet=True)
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
         return cls(model.eval(), AutoTokenizer.from_pretrained(path), fmt)
 
@@ -124,8 +122,8 @@ def parse_wildguard(text: str) -> bool:
     return bool(match) and match.group(1).lower() == "yes"
 
 
-def make_judge(kind: str, guard_model: str | None, guard_format: str, device: str = "cpu"):
-    """The judge named in config."""
+def make_judge(kind: str, guard_model: Path | None, guard_format: str, device: str = "cpu"):
+    """The judge named in config; `guard_model` is the guard's directory (a local snapshot)."""
     if kind == "keyword":
         return KeywordJudge()
     if not guard_model:

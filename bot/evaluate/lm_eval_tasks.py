@@ -1,9 +1,11 @@
-"""lm-eval tasks on an in-memory model, offline: scores per task, and YAML tasks for JSONL files.
+"""lm-eval tasks on an in-memory model: scores per task, and YAML tasks for JSONL files.
 
 The sweep changes one model's weights in place between evaluations, so the model is wrapped in
 lm-eval's HFLM afresh on each call (about a millisecond; nothing is copied or cached). Indexing
 lm-eval's built-in tasks takes seconds, so it happens once per process and only when a task is
 not found under `include_path`, whose own index is rebuilt on every call (milliseconds).
+Nothing here downloads: the sweep's callers run it offline (bot/hub.py `offline`), so a task's
+data must be local (a JSONL task) or already in the datasets cache (a built-in task).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,6 @@ import yaml
 
 from bot.errors import InputNotFoundError, UsageError
 
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 HFLM_NOTICES = ("`pretrained` model kwarg is not of type `str`",
                 "Passed an already-initialized model through `pretrained`")
@@ -29,7 +29,7 @@ HFLM_NOTICES = ("`pretrained` model kwarg is not of type `str`",
 def lm_eval_scores(model, tokenizer, tasks: list[str], include_path: str | Path | None = None,
                    limit: int | None = None, batch_size: int = 16, chat: bool = True, *,
                    system_prompt: str | None = None) -> dict[str, float]:
-    """Scores of lm-eval tasks on an in-memory model (lm-eval's HFLM wrapping it), offline.
+    """Scores of lm-eval tasks on an in-memory model (lm-eval's HFLM wrapping it).
 
     Returns {task_name: primary metric value}, higher is better. Primary metric: the first one
     lm-eval reports for the task (metric_list order, first filter: `exact_match,strip` gives
@@ -46,7 +46,7 @@ def lm_eval_scores(model, tokenizer, tasks: list[str], include_path: str | Path 
     from lm_eval.models.huggingface import HFLM
 
     local = _local_manager(include_path)
-    with _offline(), _quiet_hflm_notices():
+    with _quiet_hflm_notices():
         loaded = _load_tasks(tasks, local, include_path)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0,
@@ -183,30 +183,6 @@ def _primary(name: str, out: dict) -> float:
         if isinstance(value, int | float):
             return float(value)
     raise UsageError(f"lm-eval reported no higher-is-better metric for {name!r}.")
-
-
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """Switch off Hub and dataset downloads for the duration, then restore the settings."""
-    import datasets.config
-    import huggingface_hub.constants as hub_constants
-
-    saved_env = {key: os.environ.get(key) for key in OFFLINE_ENV}
-    saved = (hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE,
-             datasets.config.HF_DATASETS_OFFLINE)
-    os.environ.update(dict.fromkeys(OFFLINE_ENV, "1"))
-    hub_constants.HF_HUB_OFFLINE = True
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-    try:
-        yield
-    finally:
-        (hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE,
-         datasets.config.HF_DATASETS_OFFLINE) = saved
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _DropHflmNotices(logging.Filter):

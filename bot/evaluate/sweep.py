@@ -1,7 +1,9 @@
 """The sweep: evaluate the merge of a base and a fine-tune at every lambda, choose one, explain.
 
-Base and fine-tune are loaded once; each lambda's merge is written into the fine-tune model's
-parameters in place (bot/merge/inplace.py), so no checkpoint is written and nothing reloaded.
+Base and fine-tune are local directories (bot/hub.py resolves Hub ids before) and the prompt
+sets come loaded (bot/prompt_sets.py). The models are loaded once; each lambda's merge is written
+into the fine-tune model's parameters in place (bot/merge/inplace.py), so no checkpoint is
+written and nothing reloaded.
 Every point gets ASR (with per-category rates), over-refusal and a task score; the selection
 policy (bot/config.py PolicySettings) picks the trade-off and says why in words.
 """
@@ -19,7 +21,7 @@ import torch
 from bot.config import EvaluateSettings, PolicySettings, Settings
 from bot.evaluate.generation import generate
 from bot.evaluate.judges import make_judge
-from bot.evaluate.prompts import PromptSet, load_prompt_set
+from bot.evaluate.prompts import EvalInputs, PromptSet
 from bot.evaluate.safety import is_refusal
 from bot.evaluate.task import make_task
 
@@ -80,13 +82,12 @@ class SweepReport:
 class Evaluator:
     """Measures one model: safety on the harmful and edgy sets, and the task."""
 
-    def __init__(self, settings: EvaluateSettings, device: str = "cpu"):
+    def __init__(self, settings: EvaluateSettings, inputs: EvalInputs, device: str = "cpu"):
         self.settings = settings
-        self.harmful = load_prompt_set(settings.harmful, settings.limit)
-        self.edgy = load_prompt_set(settings.edgy, settings.limit)
-        self.judge = make_judge(settings.judge, settings.guard_model, settings.guard_format,
+        self.harmful, self.edgy = inputs.harmful, inputs.edgy
+        self.judge = make_judge(settings.judge, inputs.guard_model, settings.guard_format,
                                 device)
-        self.task = make_task(settings)
+        self.task = make_task(settings, inputs)
 
     def _answers(self, model, tok, prompts: PromptSet) -> list[str]:
         s = self.settings
@@ -169,17 +170,19 @@ def _pct(x: float) -> str:
     return f"{round(100 * x)}%"
 
 
-def load_pair(base_ref: str, finetune_ref: str, device: str = "cpu", dtype: str | None = None):
-    """(base, fine-tune, base tokenizer, fine-tune tokenizer): safetensors only, no remote code.
+def load_pair(base_dir: str | Path, finetune_dir: str | Path, device: str = "cpu",
+              dtype: str | None = None):
+    """(base, fine-tune, base tokenizer, fine-tune tokenizer) from their local directories:
+    safetensors only, no remote code.
 
     A LoRA adapter fine-tune is merged into a copy of the base with PEFT. The fine-tune's
     tokenizer is its own when it has one (it may have grown the vocabulary), else the base's.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bot.merge.engine import check_configs, read_config, resolve_model
+    from bot.merge.engine import check_configs, read_config
 
-    base_dir, ft_dir = resolve_model(base_ref, quiet=True), resolve_model(finetune_ref, quiet=True)
+    base_dir, ft_dir = Path(base_dir), Path(finetune_dir)
     kwargs = {"dtype": getattr(torch, dtype) if dtype else "auto", "use_safetensors": True}
     base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs).to(device).eval()
     if (ft_dir / "adapter_config.json").exists():
@@ -195,17 +198,27 @@ def load_pair(base_ref: str, finetune_ref: str, device: str = "cpu", dtype: str 
             AutoTokenizer.from_pretrained(ft_tok_dir))
 
 
-def run_sweep(base_ref: str, finetune_ref: str, settings: Settings,
-              progress: Callable[[int, int, str], None] | None = None) -> SweepReport:
-    """Evaluate base, fine-tune and every lambda of the grid; select; return the report."""
+def run_sweep(base_dir: str | Path, finetune_dir: str | Path, settings: Settings,
+              inputs: EvalInputs, progress: Callable[[int, int, str], None] | None = None, *,
+              names: tuple[str, str] | None = None) -> SweepReport:
+    """Evaluate base, fine-tune and every lambda of the grid; select; return the report.
+
+    Args:
+        base_dir, finetune_dir: the models' local directories.
+        settings: the grid, method, evaluation and selection policy.
+        inputs: the prompt sets (and guard) `settings.evaluate` names, loaded.
+        progress: called (step, steps, what) as the sweep goes.
+        names: how the report names base and fine-tune (default: the directories), e.g. the
+            Hub ids they were downloaded from.
+    """
     from bot.merge.inplace import InPlaceMerger
 
     s, started = settings.sweep, time.perf_counter()
     steps = len(s.grid) + 2
     say = progress or (lambda i, n, what: None)
     say(0, steps, "loading models")
-    evaluator = Evaluator(settings.evaluate, s.device)
-    base, ft, base_tok, tok = load_pair(base_ref, finetune_ref, s.device, s.dtype)
+    evaluator = Evaluator(settings.evaluate, inputs, s.device)
+    base, ft, base_tok, tok = load_pair(base_dir, finetune_dir, s.device, s.dtype)
     merger = InPlaceMerger(ft, base.state_dict(), s.method, s.density, s.seed)
     evaluator.task.prepare(ft, tok)
     loaded = time.perf_counter()
@@ -229,18 +242,25 @@ def run_sweep(base_ref: str, finetune_ref: str, settings: Settings,
     merger.restore_finetune()
     say(steps, steps, "done")
     selection = select(base_point, ft_point, points, settings.policy)
-    evaluated = [base_point, ft_point, *points]
-    eval_s = sum(p.eval_seconds for p in evaluated)
-    total = time.perf_counter() - started
-    timings = {"load_seconds": round(loaded - started, 3),
-               "merge_seconds": round(sum(p.merge_seconds for p in points), 4),
-               "eval_seconds": round(eval_s, 3), "total_seconds": round(total, 3),
-               "overhead_share": round(1 - eval_s / total, 4),
-               "generated_tokens_per_second": round(
-                   sum(p.generated_tokens for p in evaluated) / max(eval_s, 1e-9), 1)}
-    return SweepReport(base_ref, finetune_ref, s.method, evaluator.task.name,
+    timings = _timings(loaded - started, time.perf_counter() - started,
+                       [base_point, ft_point], points)
+    base_name, finetune_name = names or (str(base_dir), str(finetune_dir))
+    return SweepReport(base_name, finetune_name, s.method, evaluator.task.name,
                        evaluator.judge.name, base_point, ft_point, points, selection, timings,
                        settings.model_dump())
+
+
+def _timings(load_s: float, total: float, ends: list[SweepPoint],
+             points: list[SweepPoint]) -> dict[str, float]:
+    """The report's timings: loading, merging, evaluating, and what the evaluation cost."""
+    evaluated = [*ends, *points]
+    eval_s = sum(p.eval_seconds for p in evaluated)
+    return {"load_seconds": round(load_s, 3),
+            "merge_seconds": round(sum(p.merge_seconds for p in points), 4),
+            "eval_seconds": round(eval_s, 3), "total_seconds": round(total, 3),
+            "overhead_share": round(1 - eval_s / total, 4),
+            "generated_tokens_per_second": round(
+                sum(p.generated_tokens for p in evaluated) / max(eval_s, 1e-9), 1)}
 
 
 def _with_retention(point: SweepPoint, task_range: tuple[float, float]) -> SweepPoint:

@@ -17,7 +17,7 @@ import torch
 
 from bot.config import EvaluateSettings
 from bot.evaluate.generation import generate
-from bot.evaluate.prompts import PromptSet, load_prompt_set, load_task_items
+from bot.evaluate.prompts import EvalInputs, PromptSet
 
 
 class ExactMatchTask:
@@ -107,11 +107,16 @@ def _teacher_forced_batch(tok, prompts, answers, system_prompt) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def make_task(settings: EvaluateSettings):
-    """The task measure config asks for: a task file, lm-eval tasks, or the self-answer default."""
+def make_task(settings: EvaluateSettings, inputs: EvalInputs):
+    """The task measure config asks for: a task file, lm-eval tasks, or the self-answer default
+    (the items or prompts loaded in `inputs`)."""
     if settings.task_file:
-        return ExactMatchTask(load_task_items(settings.task_file, settings.limit), settings)
+        if inputs.task_items is None:
+            raise ValueError("evaluate.task_file is set, but its items were not loaded")
+        return ExactMatchTask(inputs.task_items, settings)
     if settings.lm_eval_tasks:
         return LmEvalTask(settings.lm_eval_tasks, settings.lm_eval_include_path,
                           settings.lm_eval_limit, settings.batch_size, settings.system_prompt)
-    return SelfAnswerTask(load_prompt_set(settings.self_prompts, settings.limit), settings)
+    if inputs.self_prompts is None:
+        raise ValueError("the self-answer task needs its prompts (evaluate.self_prompts) loaded")
+    return SelfAnswerTask(inputs.self_prompts, settings)

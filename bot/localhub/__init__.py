@@ -3,7 +3,8 @@
 The real `huggingface_hub.HfApi` talks to it over HTTP (`HfApi(endpoint=hub.url)` or
 `HF_ENDPOINT=hub.url`), so the bot's code path is the one it takes against huggingface.co.
 Uploads need `HF_HUB_DISABLE_XET=1` (Xet is not supported; LFS is). What is and is not
-supported: docs/localhub.md.
+supported: docs/localhub.md. It imports nothing of the bot: its errors are its own
+(`LocalHubError`, and `LocalHubUsageError` for bad arguments).
 
     with LocalHub("/tmp/hub") as hub:          # or hub = LocalHub(dir); hub.start(port=0)
         hub.add_user("alice", "hf_alice_token", orgs=["safeguard"])
@@ -20,11 +21,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from bot.errors import HubError, UsageError
-from bot.localhub.server import Api, Server
+from bot.localhub.api import Api
+from bot.localhub.errors import LocalHubError, LocalHubUsageError
+from bot.localhub.server import Server
 from bot.localhub.store import Store
 
-__all__ = ["LocalHub"]
+__all__ = ["LocalHub", "LocalHubError", "LocalHubUsageError"]
 
 
 class LocalHub:
@@ -39,7 +41,7 @@ class LocalHub:
 
     def __init__(self, directory: str | os.PathLike, *, page_size: int = 1000):
         if page_size < 1:
-            raise UsageError("page_size must be at least 1")
+            raise LocalHubUsageError("page_size must be at least 1")
         self.directory = Path(directory)
         self.store = Store(self.directory)
         self._api = Api(self.store, page_size)
@@ -57,13 +59,13 @@ class LocalHub:
     @page_size.setter
     def page_size(self, value: int) -> None:
         if value < 1:
-            raise UsageError("page_size must be at least 1")
+            raise LocalHubUsageError("page_size must be at least 1")
         self._api.page_size = value
 
     def start(self, port: int = 0, host: str = "127.0.0.1") -> LocalHub:
         """Serve in a background thread; port 0 takes a free port. Returns self."""
         if self._server is not None:
-            raise UsageError(f"the local hub is already serving at {self.url}")
+            raise LocalHubUsageError(f"the local hub is already serving at {self.url}")
         self._lock_directory()
         # what is on disk is the truth: another hub may have served this directory meanwhile
         shutil.rmtree(self.directory / "tmp", ignore_errors=True)  # uploads cut short
@@ -73,7 +75,7 @@ class LocalHub:
             self._server = Server((host, port), self._api)
         except OSError as e:
             self._unlock_directory()
-            raise HubError(f"cannot serve the local hub on {host}:{port}: {e}") from e
+            raise LocalHubError(f"cannot serve the local hub on {host}:{port}: {e}") from e
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         name=f"localhub:{self.port}", daemon=True)
         self._thread.start()
@@ -105,7 +107,8 @@ class LocalHub:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.close()
-            raise HubError(f"{self.directory} is already served by another local hub") from None
+            raise LocalHubError(f"{self.directory} is already served by another local hub"
+                                ) from None
         self._lock_file = f
 
     def _unlock_directory(self) -> None:
@@ -118,14 +121,14 @@ class LocalHub:
     def port(self) -> int:
         """The port being served (raises when not serving)."""
         if self._server is None:
-            raise UsageError("the local hub is not serving; call start() first")
+            raise LocalHubUsageError("the local hub is not serving; call start() first")
         return self._server.server_address[1]
 
     @property
     def url(self) -> str:
         """The endpoint to give HfApi(endpoint=...) or HF_ENDPOINT, e.g. http://127.0.0.1:5123."""
         if self._server is None:
-            raise UsageError("the local hub is not serving; call start() first")
+            raise LocalHubUsageError("the local hub is not serving; call start() first")
         host = self._server.server_address[0]
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
@@ -157,14 +160,14 @@ class LocalHub:
     def _repo(self, repo_id: str, repo_type: str) -> dict:
         repo = self.store.repos.get((repo_type, repo_id.lower()))
         if repo is None:
-            raise HubError(f"no {repo_type} repo {repo_id!r} on the local hub")
+            raise LocalHubError(f"no {repo_type} repo {repo_id!r} on the local hub")
         return repo
 
     def set_gated(self, repo_id: str, gated: str | bool = "auto", *,
                   repo_type: str = "model") -> None:
         """Gate a repo ('auto' or 'manual') or ungate it (False)."""
         if gated not in ("auto", "manual", False):
-            raise UsageError("gated must be 'auto', 'manual' or False")
+            raise LocalHubUsageError("gated must be 'auto', 'manual' or False")
         with self.store.lock:
             repo = self._repo(repo_id, repo_type)
             repo["gated"] = gated
@@ -175,7 +178,7 @@ class LocalHub:
         with self.store.lock:
             repo = self._repo(repo_id, repo_type)
             if user not in self.store.users:
-                raise UsageError(f"no user {user!r} on the local hub")
+                raise LocalHubUsageError(f"no user {user!r} on the local hub")
             if user not in repo["grants"]:
                 repo["grants"].append(user)
                 self.store.save_repo(repo)

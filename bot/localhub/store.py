@@ -1,9 +1,9 @@
-"""The local hub's storage: users, repos, commits, refs, discussions and blobs, on disk.
+"""The local hub's storage: users, repos, commits, refs and discussions, on disk.
 
 Layout under the hub's directory (everything survives a restart):
 
     users.json                        {name: {"tokens": [...], "orgs": [...]}}
-    blobs/ab/abcdef...                file contents, addressed by sha256, shared by all repos
+    blobs/ab/abcdef...                file contents, addressed by sha256 (blobs.py)
     repos/{models,datasets}/NS/NAME/
         repo.json                     settings, branches, tags, discussions and pull requests
         commits/<sha1>.json           {parents, tree: {path: {oid, sha256, size, lfs}}, ...}
@@ -20,84 +20,27 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from bot.errors import HubError, UsageError
 from bot.localhub import cards
-
-REPO_TYPES = ("model", "dataset")
-NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
-RESERVED = {"api", "datasets", "models", "spaces", "kernels", "buckets", "lfs-upload",
-            "collections", "organizations", "settings", "new", "docs", "papers"}
-SHA1 = re.compile(r"^[0-9a-f]{40}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
-PR_REF = re.compile(r"^refs/pr/(\d+)$")
-MAX_PATH = 1000
-
-
-class ApiError(HubError):
-    """A request the hub refuses: an HTTP status, a message and the Hub's X-Error-Code."""
-
-    def __init__(self, status: int, message: str, code: str | None = None,
-                 body: dict | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.body = body or {}
-
-
-def not_found(repo_id: str) -> ApiError:
-    """The Hub's answer for a repo that does not exist or that the caller may not see."""
-    return ApiError(404, f"Repository not found: {repo_id}", "RepoNotFound")
-
-
-def now() -> str:
-    """UTC time as the store keeps it (microseconds; the API shows milliseconds)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def api_time(stamp: str) -> str:
-    """A stored time as the Hub writes it: milliseconds and Z."""
-    return stamp[:23] + "Z"
-
-
-def git_blob_oid(data: bytes) -> str:
-    """The git object id of a regular file."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
-
-
-def lfs_pointer(sha256: str, size: int) -> bytes:
-    """The git-lfs pointer file that stands in git for an LFS file."""
-    spec = "https://git-lfs.github.com/spec/v1"
-    return f"version {spec}\noid sha256:{sha256}\nsize {size}\n".encode()
-
-
-def valid_name(name: str) -> bool:
-    """A user, org or repo name as the Hub accepts it."""
-    return bool(NAME.match(name)) and "--" not in name and ".." not in name
-
-
-def check_path(path: Any) -> str:
-    """A path inside a repo: relative, no '..', '.git' or empty parts."""
-    if not isinstance(path, str) or not path or len(path) > MAX_PATH:
-        raise ApiError(400, f"invalid path in repo: {path!r}")
-    parts = path.split("/")
-    if path.startswith("/") or any(p in ("", ".", "..", ".git") for p in parts) or "\0" in path:
-        raise ApiError(400, f"invalid path in repo: {path!r}")
-    return path
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+from bot.localhub.blobs import Blobs
+from bot.localhub.errors import ApiError, LocalHubUsageError, not_found
+from bot.localhub.records import (
+    PR_REF,
+    REPO_TYPES,
+    RESERVED,
+    SHA1,
+    add_discussion,
+    find_discussion,
+    new_event,
+    now,
+    three_way_merge,
+    tree_entry,
+    valid_name,
+    write_json,
+)
 
 
 class Store:
@@ -106,8 +49,7 @@ class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "blobs").mkdir(exist_ok=True)
-        (self.root / "tmp").mkdir(exist_ok=True)
+        self.blobs = Blobs(self.root)
         self.lock = threading.RLock()
         self.users: dict[str, dict] = {}
         self.repos: dict[tuple[str, str], dict] = {}
@@ -131,10 +73,7 @@ class Store:
 
     def save_repo(self, repo: dict) -> None:
         """Write a repo's metadata (settings, refs, discussions)."""
-        _write_json(self._repo_dir(repo) / "repo.json", repo)
-
-    def _save_users(self) -> None:
-        _write_json(self.root / "users.json", self.users)
+        write_json(self._repo_dir(repo) / "repo.json", repo)
 
     # ---- users
 
@@ -143,22 +82,23 @@ class Store:
         orgs = list(orgs)
         for n in [name, *orgs]:
             if not valid_name(n) or n.lower() in RESERVED:
-                raise UsageError(f"invalid user or org name: {n!r}")
+                raise LocalHubUsageError(f"invalid user or org name: {n!r}")
         if not isinstance(token, str) or len(token) < 8 or not token.isprintable() or " " in token:
-            raise UsageError("a token must be at least 8 printable characters without spaces")
+            raise LocalHubUsageError("a token must be at least 8 printable characters without "
+                                     "spaces")
         with self.lock:
             if name in self.org_names():
-                raise UsageError(f"{name!r} is an organization, not a user")
+                raise LocalHubUsageError(f"{name!r} is an organization, not a user")
             if any(o in self.users for o in orgs):
-                raise UsageError(f"an organization cannot have a user's name: {orgs}")
+                raise LocalHubUsageError(f"an organization cannot have a user's name: {orgs}")
             owner = self.user_for_token(token)
             if owner not in (None, name):
-                raise UsageError("that token already belongs to another user")
+                raise LocalHubUsageError("that token already belongs to another user")
             user = self.users.setdefault(name, {"tokens": [], "orgs": []})
             if token not in user["tokens"]:
                 user["tokens"].append(token)
             user["orgs"] = sorted(set(user["orgs"]) | set(orgs))
-            self._save_users()
+            write_json(self.root / "users.json", self.users)
 
     def org_names(self) -> set[str]:
         """Every organization some user belongs to."""
@@ -188,6 +128,10 @@ class Store:
         """Gated repos' files for owners and granted users only."""
         return self.can_read(user, repo) and (
             not repo["gated"] or self.can_write(user, repo) or user in repo["grants"])
+
+    def may_moderate(self, user: str, repo: dict, d: dict) -> bool:
+        """A discussion's author or the repo's owners."""
+        return user == d["author"] or self.can_write(user, repo)
 
     # ---- repos
 
@@ -232,7 +176,7 @@ class Store:
                     "downloads": 0, "createdAt": stamp, "lastModified": stamp,
                     "branches": {}, "tags": {}, "discussions": [], "seq": 0}
             data = cards.DEFAULT_GITATTRIBUTES.encode()
-            tree = {".gitattributes": self._entry(self.put_blob(data), len(data), data, False)}
+            tree = {".gitattributes": tree_entry(self.blobs.put(data), len(data), data, False)}
             sha = self._write_commit(repo, [], tree, "initial commit", "", user)
             repo["branches"]["main"] = sha
             self.repos[(kind, repo_id.lower())] = repo
@@ -252,58 +196,6 @@ class Store:
         """Every repo of a type the user may see."""
         with self.lock:
             return [r for (k, _), r in self.repos.items() if k == kind and self.can_read(user, r)]
-
-    # ---- blobs
-
-    def blob_path(self, sha256: str) -> Path:
-        """Where a blob lives (whether or not it exists)."""
-        return self.root / "blobs" / sha256[:2] / sha256
-
-    def has_blob(self, sha256: str, size: int | None = None) -> bool:
-        """Whether a blob is stored (with that size, when given)."""
-        path = self.blob_path(sha256)
-        return path.exists() and (size is None or path.stat().st_size == size)
-
-    def put_blob(self, data: bytes) -> str:
-        """Store bytes; return their sha256."""
-        sha = hashlib.sha256(data).hexdigest()
-        if not self.has_blob(sha):
-            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            self._adopt(tmp, sha)
-        return sha
-
-    def new_upload(self) -> tuple[Any, str]:
-        """An open temporary file for a streamed upload, and its path."""
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
-        return os.fdopen(fd, "wb"), tmp
-
-    def finish_upload(self, tmp: str, sha256: str) -> None:
-        """Move a verified upload into the blob store."""
-        if self.has_blob(sha256):
-            os.unlink(tmp)
-        else:
-            self._adopt(tmp, sha256)
-
-    def _adopt(self, tmp: str, sha: str) -> None:
-        path = self.blob_path(sha)
-        path.parent.mkdir(exist_ok=True)
-        os.replace(tmp, path)
-
-    def read_blob(self, sha256: str) -> bytes:
-        """A blob's bytes."""
-        return self.blob_path(sha256).read_bytes()
-
-    def read_head(self, sha256: str, n: int) -> bytes:
-        """A blob's first n bytes."""
-        with open(self.blob_path(sha256), "rb") as f:
-            return f.read(n)
-
-    @staticmethod
-    def _entry(sha256: str, size: int, data: bytes | None, lfs: bool) -> dict:
-        oid = git_blob_oid(lfs_pointer(sha256, size) if lfs else data or b"")
-        return {"oid": oid, "sha256": sha256, "size": size, "lfs": lfs}
 
     # ---- commits and revisions
 
@@ -331,7 +223,7 @@ class Store:
                 return repo["tags"][name]["commit"]
             pr = PR_REF.match(rev)
             if pr:
-                d = self.discussion(repo, int(pr.group(1)), missing_code="RevisionNotFound")
+                d = find_discussion(repo, int(pr.group(1)), missing_code="RevisionNotFound")
                 if d["isPullRequest"]:
                     return d["head"]
             found = self.commit_by_prefix(repo, rev) if re.fullmatch(r"[0-9a-f]{7,40}", rev) \
@@ -355,7 +247,7 @@ class Store:
         sha = hashlib.sha1(json.dumps(body, sort_keys=True).encode(),
                            usedforsecurity=False).hexdigest()
         body["id"] = sha
-        _write_json(self._repo_dir(repo) / "commits" / f"{sha}.json", body)
+        write_json(self._repo_dir(repo) / "commits" / f"{sha}.json", body)
         self._commits[(repo["type"], repo["id"], sha)] = body
         return sha
 
@@ -364,7 +256,8 @@ class Store:
         key = (repo["type"], sha)
         if key not in self._derived:
             tree = self.commit(repo, sha)["tree"]
-            self._derived[key] = cards.derive(repo["type"], tree, self.read_blob, self.read_head)
+            self._derived[key] = cards.derive(repo["type"], tree, self.blobs.read,
+                                              self.blobs.read_head)
         return self._derived[key]
 
     def ancestors(self, repo: dict, sha: str) -> list[dict]:
@@ -380,6 +273,8 @@ class Store:
             stack.extend(commit["parents"])
         return sorted(seen.values(), key=lambda c: c["seq"], reverse=True)
 
+    # ---- writing commits
+
     def apply_commit(self, repo: dict, *, branch: str | None, pr_num: int | None,
                      create_pr: bool, operations: list[tuple[str, dict]], header: dict,
                      user: str) -> dict:
@@ -388,84 +283,73 @@ class Store:
         Returns {"sha", "pr"} (pr: the discussion when one was created or pushed to).
         """
         with self.lock:
-            parent_given = header.get("parentCommit")
-            pr = None
-            if pr_num is not None:
-                pr = self.discussion(repo, pr_num, missing_code="RevisionNotFound")
-                if not pr["isPullRequest"] or pr["status"] not in ("open", "draft"):
-                    raise ApiError(400, f"refs/pr/{pr_num} is not an open pull request")
-                if user != pr["author"] and not self.can_write(user, repo):
-                    raise ApiError(403, "Only the pull request's author or the repo's owners "
-                                        "can push to it")
-                head = pr["head"]
-            else:
-                assert branch is not None
-                if branch not in repo["branches"]:
-                    raise ApiError(404, f"Invalid rev id: {branch} is not a branch",
-                                   "RevisionNotFound")
-                head = repo["branches"][branch]
-            parent = head
-            if parent_given is not None:
-                full = self.commit_by_prefix(repo, parent_given)
-                if create_pr:
-                    if full is None:
-                        raise ApiError(404, f"Invalid rev id: parent commit {parent_given}",
-                                       "RevisionNotFound")
-                    parent = full
-                elif full != head:
-                    raise ApiError(412, "A commit has happened since. Please refresh and try "
-                                        f"again. (parent commit {parent_given} is not the head "
-                                        f"{head} of {branch or f'refs/pr/{pr_num}'})")
-            tree = dict(self.commit(repo, parent)["tree"])
+            pr = None if pr_num is None else self._pr_to_push(repo, pr_num, user)
+            head = pr["head"] if pr is not None else self._branch_head(repo, branch)
+            parent = self._parent(repo, head, header.get("parentCommit"), create_pr,
+                                  branch or f"refs/pr/{pr_num}")
+            parent_tree = self.commit(repo, parent)["tree"]
+            tree = dict(parent_tree)
             self._apply_operations(tree, operations)
-            paths = sorted(tree)
-            for a, b in zip(paths, paths[1:], strict=False):
-                if b.startswith(a + "/"):
-                    raise ApiError(400, f"{a!r} would be both a file and a folder")
-            if "README.md" in tree and tree["README.md"] != \
-                    self.commit(repo, parent)["tree"].get("README.md"):
-                try:
-                    cards.parse_front_matter(self.read_blob(tree["README.md"]["sha256"])
-                                             .decode("utf-8", "replace"))
-                except cards.CardError as e:
-                    raise ApiError(400, f"Invalid metadata in README.md: {e}") from e
+            self._check_tree(tree, parent_tree)
             sha = self._write_commit(repo, [parent], tree, header["summary"],
                                      header.get("description", ""), user)
             if create_pr:
-                pr = self._new_discussion(repo, header["summary"], header.get("description", ""),
-                                          user, is_pr=True, base=branch, head=sha,
-                                          base_commit=parent, status="open",
-                                          from_commit=True)
+                pr = add_discussion(repo, header["summary"], header.get("description", ""),
+                                    user, is_pr=True, base=branch, head=sha,
+                                    base_commit=parent, status="open", from_commit=True)
             if pr is not None:
                 pr["head"] = sha
                 if pr["status"] == "draft":
                     pr["status"] = "open"
-                pr["events"].append(self.event("commit", user, subject=header["summary"],
-                                               oid=sha))
+                pr["events"].append(new_event("commit", user, subject=header["summary"],
+                                              oid=sha))
             else:
-                repo["branches"][branch] = sha
-                if branch == "main":
-                    repo["lastModified"] = self.commit(repo, sha)["date"]
+                self._move_branch(repo, branch, sha)
             self.save_repo(repo)
             return {"sha": sha, "pr": pr}
+
+    def _pr_to_push(self, repo: dict, pr_num: int, user: str) -> dict:
+        """The open pull request refs/pr/N, when the user may push to it."""
+        pr = find_discussion(repo, pr_num, missing_code="RevisionNotFound")
+        if not pr["isPullRequest"] or pr["status"] not in ("open", "draft"):
+            raise ApiError(400, f"refs/pr/{pr_num} is not an open pull request")
+        if user != pr["author"] and not self.can_write(user, repo):
+            raise ApiError(403, "Only the pull request's author or the repo's owners "
+                                "can push to it")
+        return pr
+
+    @staticmethod
+    def _branch_head(repo: dict, branch: str | None) -> str:
+        assert branch is not None
+        if branch not in repo["branches"]:
+            raise ApiError(404, f"Invalid rev id: {branch} is not a branch", "RevisionNotFound")
+        return repo["branches"][branch]
+
+    def _parent(self, repo: dict, head: str, parent_given: str | None, create_pr: bool,
+                ref: str) -> str:
+        """The commit a new commit goes on: the head, or the parent the client named."""
+        if parent_given is None:
+            return head
+        full = self.commit_by_prefix(repo, parent_given)
+        if create_pr:
+            if full is None:
+                raise ApiError(404, f"Invalid rev id: parent commit {parent_given}",
+                               "RevisionNotFound")
+            return full
+        if full != head:
+            raise ApiError(412, "A commit has happened since. Please refresh and try "
+                                f"again. (parent commit {parent_given} is not the head "
+                                f"{head} of {ref})")
+        return head
 
     def _apply_operations(self, tree: dict, operations: list[tuple[str, dict]]) -> None:
         for key, value in operations:
             path = value["path"]
             if key == "file":
                 data = value["data"]
-                tree[path] = self._entry(self.put_blob(data), len(data), data, False)
+                tree[path] = tree_entry(self.blobs.put(data), len(data), data, False)
             elif key == "lfsFile":
-                oid = value["oid"]
-                path_blob = self.blob_path(oid)
-                if not path_blob.exists():
-                    raise ApiError(400, f"LFS object {oid} for {path!r} was not uploaded "
-                                        "(preupload and the LFS batch come first)")
-                size = path_blob.stat().st_size
-                if value.get("size") not in (None, size):
-                    raise ApiError(400, f"size mismatch for {path!r}: stored LFS object has "
-                                        f"{size} bytes, the commit says {value['size']}")
-                tree[path] = self._entry(oid, size, None, True)
+                tree[path] = self._lfs_entry(path, value["oid"], value.get("size"))
             elif key == "deletedFile":
                 if tree.pop(path, None) is None:
                     raise ApiError(404, f"A file with this name doesn't exist: {path}",
@@ -478,6 +362,36 @@ class Store:
                                    "EntryNotFound")
                 for p in doomed:
                     del tree[p]
+
+    def _lfs_entry(self, path: str, oid: str, size: int | None) -> dict:
+        """The tree entry of an uploaded LFS object (400 when missing or of another size)."""
+        blob = self.blobs.path(oid)
+        if not blob.exists():
+            raise ApiError(400, f"LFS object {oid} for {path!r} was not uploaded "
+                                "(preupload and the LFS batch come first)")
+        stored = blob.stat().st_size
+        if size not in (None, stored):
+            raise ApiError(400, f"size mismatch for {path!r}: stored LFS object has "
+                                f"{stored} bytes, the commit says {size}")
+        return tree_entry(oid, stored, None, True)
+
+    def _check_tree(self, tree: dict, parent_tree: dict) -> None:
+        """No path both a file and a folder; a changed README.md has valid YAML metadata."""
+        paths = sorted(tree)
+        for a, b in zip(paths, paths[1:], strict=False):
+            if b.startswith(a + "/"):
+                raise ApiError(400, f"{a!r} would be both a file and a folder")
+        if "README.md" in tree and tree["README.md"] != parent_tree.get("README.md"):
+            try:
+                cards.parse_front_matter(self.blobs.read(tree["README.md"]["sha256"])
+                                         .decode("utf-8", "replace"))
+            except cards.CardError as e:
+                raise ApiError(400, f"Invalid metadata in README.md: {e}") from e
+
+    def _move_branch(self, repo: dict, branch: str, sha: str) -> None:
+        repo["branches"][branch] = sha
+        if branch == "main":
+            repo["lastModified"] = self.commit(repo, sha)["date"]
 
     # ---- refs
 
@@ -520,65 +434,16 @@ class Store:
 
     # ---- discussions and pull requests
 
-    @staticmethod
-    def event(kind: str, author: str, **data: Any) -> dict:
-        """A discussion event as the Hub serializes it."""
-        stamp = api_time(now())
-        if kind == "comment":
-            payload: dict[str, Any] = {
-                "edited": False, "hidden": False, "history": [],
-                "latest": {"raw": data["raw"], "html": data["raw"], "updatedAt": stamp,
-                           "author": {"name": author}}}
-        elif kind == "status-change":
-            payload = {"status": data["status"]}
-        elif kind == "commit":
-            payload = {"subject": data["subject"], "oid": data["oid"]}
-        else:
-            payload = {"from": data["old"], "to": data["new"]}
-        return {"id": secrets.token_hex(12), "type": kind, "createdAt": stamp,
-                "author": {"name": author}, "data": payload}
-
-    def discussion(self, repo: dict, num: int, missing_code: str | None = None) -> dict:
-        """A discussion or PR by number."""
-        for d in repo["discussions"]:
-            if d["num"] == num:
-                return d
-        raise ApiError(404, f"Discussion #{num} not found in {repo['id']}", missing_code)
-
-    def _new_discussion(self, repo: dict, title: str, description: str, user: str, *,
-                        is_pr: bool, base: str | None = None, head: str | None = None,
-                        base_commit: str | None = None, status: str = "open",
-                        from_commit: bool = False) -> dict:
-        title = title.strip()
-        if from_commit:  # a PR opened by a commit is titled by its summary, whatever its length
-            title = title[:200]
-        elif not 3 <= len(title) <= 200:
-            raise ApiError(400, "A title must have 3 to 200 characters")
-        num = len(repo["discussions"]) + 1
-        d: dict[str, Any] = {"num": num, "title": title, "author": user, "isPullRequest": is_pr,
-                             "createdAt": api_time(now()), "status": status, "events": []}
-        if description.strip():
-            d["events"].append(self.event("comment", user, raw=description))
-        if is_pr:
-            d.update(base=base or "main", head=head, baseCommit=base_commit,
-                     mergeCommitId=None)
-        repo["discussions"].append(d)
-        return d
-
     def create_discussion(self, repo: dict, title: str, description: str, user: str,
                           pull_request: bool) -> dict:
         """A discussion, or a draft PR with no commit yet (its ref at main's head)."""
         with self.lock:
             head = repo["branches"]["main"] if pull_request else None
-            d = self._new_discussion(repo, title, description, user, is_pr=pull_request,
-                                     base="main", head=head, base_commit=head,
-                                     status="draft" if pull_request else "open")
+            d = add_discussion(repo, title, description, user, is_pr=pull_request,
+                               base="main", head=head, base_commit=head,
+                               status="draft" if pull_request else "open")
             self.save_repo(repo)
             return d
-
-    def may_moderate(self, user: str, repo: dict, d: dict) -> bool:
-        """The discussion's author or the repo's owners."""
-        return user == d["author"] or self.can_write(user, repo)
 
     def merge(self, repo: dict, d: dict, user: str, comment: str | None) -> str:
         """Merge a PR into its base branch: fast-forward, or a merge commit; returns the sha."""
@@ -598,12 +463,10 @@ class Store:
                 sha = d["head"]
             else:
                 sha = self._merge_commit(repo, d, target, branch, user)
-            repo["branches"][branch] = sha
-            if branch == "main":
-                repo["lastModified"] = self.commit(repo, sha)["date"]
+            self._move_branch(repo, branch, sha)
             if comment:
-                d["events"].append(self.event("comment", user, raw=comment))
-            d["events"].append(self.event("status-change", user, status="merged"))
+                d["events"].append(new_event("comment", user, raw=comment))
+            d["events"].append(new_event("status-change", user, status="merged"))
             d["status"] = "merged"
             d["mergeCommitId"] = sha
             self.save_repo(repo)
@@ -612,23 +475,11 @@ class Store:
     def _merge_commit(self, repo: dict, d: dict, target: str, branch: str, user: str) -> str:
         ours_history = {c["id"] for c in self.ancestors(repo, target)}
         base = next(c for c in self.ancestors(repo, d["head"]) if c["id"] in ours_history)
-        base_tree = base["tree"]
-        ours = self.commit(repo, target)["tree"]
-        theirs = self.commit(repo, d["head"])["tree"]
-        merged, conflicts = {}, []
-        for path in sorted(set(base_tree) | set(ours) | set(theirs)):
-            b, o, t = base_tree.get(path), ours.get(path), theirs.get(path)
-            if o == t or t == b:
-                pick = o
-            elif o == b:
-                pick = t
-            else:
-                conflicts.append(path)
-                continue
-            if pick is not None:
-                merged[path] = pick
+        merged, conflicts = three_way_merge(base["tree"], self.commit(repo, target)["tree"],
+                                            self.commit(repo, d["head"])["tree"])
         if conflicts:
             raise ApiError(409, f"Pull request #{d['num']} conflicts with {branch} in: "
                                 + ", ".join(conflicts))
         return self._write_commit(repo, [target, d["head"]], merged,
                                   f"Merge pull request #{d['num']}: {d['title']}", "", user)
+

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from bot.errors import CheckpointError, InputNotFoundError, PickleRefusedError
+from bot.merge.compat import PICKLE_PATTERNS
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 WRITE_QUEUE_BYTES = 64 * 1024 * 1024  # bytes waiting for the disk, at most (one tensor if larger)
 

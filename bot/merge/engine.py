@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from bot.errors import (
     CheckpointError,
     IncompatibleModelsError,
+    InputNotFoundError,
     MergeError,
     OutputExistsError,
     UsageError,
@@ -41,8 +42,9 @@ from bot.merge.checkpoint import (
     parse_size,
     read_tensor,
 )
+from bot.merge.compat import architecture_mismatch
 from bot.merge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterCheckpoint, is_adapter
-from bot.merge.methods import METHODS, MergeParams
+from bot.merge.methods import METHODS, MergeParams, method_named, names_where
 
 DEFAULT_SHARD_SIZE = "5GB"
 DEFAULT_DENSITY = 0.5  # for ties / dare_*: keep half of the task vector
@@ -59,10 +61,11 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 @dataclass(frozen=True)
 class MergeRequest:
-    """What to merge, how, and where to write it (the `merge` command's arguments)."""
+    """What to merge, how, and where to write it (the `merge` command's arguments, with base
+    and fine-tune as local directories)."""
 
-    base: str
-    finetune: str
+    base: str | Path
+    finetune: str | Path
     out: Path
     method: str = "linear"
     weight: float = 0.5
@@ -110,15 +113,14 @@ class TensorJob:
 
 def validate(req: MergeRequest) -> tuple[float | None, torch.dtype | None, int]:
     """Check the request's values before any work; returns density, dtype, shard bytes."""
-    method = METHODS.get(req.method)
-    if method is None:
-        raise UsageError(f"unknown method {req.method!r}; choose from {', '.join(METHODS)}")
+    method = method_named(req.method)
     if not 0.0 <= req.weight <= 1.0:
         raise UsageError(f"--weight must be in [0, 1] (lambda, the fine-tune's weight), "
                          f"got {req.weight}")
     density = req.density
     if density is not None and not method.uses_density:
-        raise UsageError(f"--density applies to ties, dare_linear and dare_ties, not {req.method}")
+        raise UsageError(f"--density applies to {names_where('uses_density')}, "
+                         f"not {req.method}")
     if method.uses_density:
         density = DEFAULT_DENSITY if density is None else density
         if not 0.0 < density <= 1.0:
@@ -135,24 +137,23 @@ def validate(req: MergeRequest) -> tuple[float | None, torch.dtype | None, int]:
         raise UsageError(f"--device must be cpu, cuda or cuda:N, got {req.device}")
     if req.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but no CUDA device is available")
-    if req.as_adapter and req.method not in ("linear", "task_arithmetic"):
-        raise UsageError("--as-adapter works with linear (or task_arithmetic) only: other "
-                         "methods do not keep the low-rank form")
+    if req.as_adapter and not method.keeps_adapter_form:
+        raise UsageError(f"--as-adapter works with {names_where('keeps_adapter_form')} only: "
+                         "other methods do not keep the low-rank form")
     if req.out.exists() and not req.overwrite:
         raise OutputExistsError(f"{req.out} exists; choose another OUT or pass --overwrite")
     return density, DTYPE_CHOICES.get(req.dtype) if req.dtype else None, shard_bytes
 
 
-def resolve_model(ref: str, allow_pickle: bool = False, quiet: bool = False) -> Path:
-    """A local model directory as is, or a Hub repo id[@revision] downloaded."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise UsageError(f"{ref} is a file; give the model's directory")
-    from bot import hub  # the Hub client is imported only when a Hub id is given
-
-    return hub.download_model(ref, allow_pickle=allow_pickle, quiet=quiet)
+def model_dir(path: str | Path) -> Path:
+    """A model's local directory (bot/hub.py resolves Hub ids to snapshots before a merge)."""
+    directory = Path(path).expanduser()
+    if directory.is_dir():
+        return directory
+    if directory.exists():
+        raise UsageError(f"{path} is a file; give the model's directory")
+    raise InputNotFoundError(f"{path}: no such model directory (a Hub id is downloaded by "
+                             "bot.hub.resolve_model first)")
 
 
 def read_config(directory: Path) -> dict:
@@ -167,11 +168,10 @@ def read_config(directory: Path) -> dict:
 
 
 def check_configs(base_cfg: dict, ft_cfg: dict) -> None:
-    """Refuse models of different architectures."""
-    for key in ("model_type", "architectures"):
-        if key in base_cfg and key in ft_cfg and base_cfg[key] != ft_cfg[key]:
-            raise IncompatibleModelsError(
-                f"architecture differs: base {key} {base_cfg[key]}, fine-tune {ft_cfg[key]}")
+    """Refuse models of different architectures or shapes (as discovery would skip them)."""
+    reason = architecture_mismatch(ft_cfg, base_cfg)
+    if reason:
+        raise IncompatibleModelsError(f"cannot merge: the fine-tune's {reason}")
 
 
 def _vocab_ids(directory: Path) -> dict[int, str]:
@@ -404,11 +404,12 @@ def _write_adapter(ft: AdapterCheckpoint, base: Checkpoint, weight: float, out: 
 
 def merge_models(req: MergeRequest, progress: Progress | None = None,
                  quiet: bool = False) -> MergeResult:
-    """Merge BASE and FINETUNE into OUT as the request says; see the module docstring."""
+    """Merge BASE and FINETUNE (local directories) into OUT as the request says; see the module
+    docstring. `progress(bytes done, bytes total)` follows the merge; `quiet` is for callers
+    that share one signature with downloads (the merge itself prints nothing)."""
     started = time.perf_counter()
     density, dtype, shard_bytes = validate(req)
-    base_dir = resolve_model(req.base, req.allow_pickle, quiet)
-    ft_dir = resolve_model(req.finetune, req.allow_pickle, quiet)
+    base_dir, ft_dir = model_dir(req.base), model_dir(req.finetune)
     base = Checkpoint(base_dir, allow_pickle=req.allow_pickle)
     adapter = is_adapter(ft_dir)
     if req.as_adapter and not adapter:

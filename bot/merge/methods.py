@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bot.errors import UsageError
+
 SLERP_DOT_THRESHOLD = 0.9995  # above this |cos| the tensors are near-parallel: interpolate linearly
 SLERP_EPS = 1e-8
 
@@ -40,6 +42,9 @@ class Method:
     tensor (a norm, a magnitude rank or a random stream over all of it). `float32_inside`
     methods give bit-identical results on bf16/fp16 inputs without upcasting them first,
     because torch's kernel computes in float32 itself and rounds once (tested).
+    `uses_density` methods take `--density`; `seeded` ones draw random masks from `--seed`.
+    `keeps_adapter_form` methods are linear in the task vector, so merging a LoRA adapter
+    gives an adapter again (lora_B scaled by the weight): the `--as-adapter` fast path.
     """
 
     name: str
@@ -48,6 +53,7 @@ class Method:
     uses_density: bool = False
     seeded: bool = False
     float32_inside: bool = False
+    keeps_adapter_form: bool = False
 
 
 def linear(base: torch.Tensor, ft: torch.Tensor, p: MergeParams) -> torch.Tensor:
@@ -115,11 +121,26 @@ def dare_ties(base: torch.Tensor, ft: torch.Tensor, p: MergeParams) -> torch.Ten
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("linear", linear, elementwise=True, float32_inside=True),
+        Method("linear", linear, elementwise=True, float32_inside=True,
+               keeps_adapter_form=True),
         Method("slerp", slerp, elementwise=False),
-        Method("task_arithmetic", task_arithmetic, elementwise=True),
+        Method("task_arithmetic", task_arithmetic, elementwise=True, keeps_adapter_form=True),
         Method("ties", ties, elementwise=False, uses_density=True),
         Method("dare_linear", dare_linear, elementwise=False, uses_density=True, seeded=True),
         Method("dare_ties", dare_ties, elementwise=False, uses_density=True, seeded=True),
     )
 }
+
+
+def method_named(name: str) -> Method:
+    """The registered method called `name`; a UsageError listing the choices if none is."""
+    method = METHODS.get(name)
+    if method is None:
+        raise UsageError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return method
+
+
+def names_where(flag: str) -> str:
+    """The methods with `flag` set, as a phrase: "ties, dare_linear and dare_ties"."""
+    names = [m.name for m in METHODS.values() if getattr(m, flag)]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)

@@ -1,10 +1,8 @@
-"""Model cards and pull request texts for a published merge (templates in bot/templates/).
+"""Model cards and pull request texts for a published merge (templates in templates/).
 
 Everything from outside the bot is data, never template source: repo ids, revisions, license
-strings, prompt-set names, an owner's README. In the Markdown templates every `{{ }}` value is
-Markdown-escaped on output (the environment's `finalize` is `md`); only the bot's own Markdown is
-`Markup`. Shell arguments are quoted into printable ASCII free of Markdown, HTML and template
-syntax (`shell_arg`), so no value can leave a command block. The YAML front matter is
+strings, prompt-set names, an owner's README. The templates print every value Markdown-escaped
+and shell arguments quoted (bot/publish/markdown.py). The YAML front matter is
 huggingface_hub's `ModelCardData` written by a YAML dumper that double-quotes every string that
 is not plain printable ASCII free of markup characters, and writes those characters as escapes:
 no value can end the metadata block, add a key, or carry markup.
@@ -15,136 +13,27 @@ from __future__ import annotations
 import json
 import math
 import re
-from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import jinja2
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
-from markupsafe import Markup
+
+from bot.config import OPT_IN_TAG, EvaluateSettings, PolicySettings, SweepSettings
+from bot.merge.methods import METHODS
+from bot.publish.markdown import num, ours, shell_arg, tidy
+from bot.publish.templates import template
 
 if TYPE_CHECKING:
     from bot.evaluate.sweep import SweepPoint, SweepReport
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 TAGS = ["safeguarded", "merge", "safeguard-bot"]
 METADATA_KEYS = ["base_model", "base_model_relation", "license", "library_name",
                  "pipeline_tag", "tags", "model-index"]
 SECTION_START = "<!-- safeguard-bot:start -->"
 SECTION_END = "<!-- safeguard-bot:end -->"
-OPT_IN_TAG = "safeguard"
 MERGE_OUT = "merged"  # the output folder in the reproduce command
-DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
-SEEDED_METHODS = ("dare_linear", "dare_ties")
-
-# --- escaping ------------------------------------------------------------------------------
-
-# line breaks (also the Unicode ones) and tabs become one space: a value stays on its line
-_BREAKS = re.compile(r"[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]+")
-# control characters, zero-width and bidirectional-override characters are dropped
-_HIDDEN = re.compile(
-    "[\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064"
-    "\u2066-\u2069\ufeff]")
-_SURROGATES = re.compile("[\ud800-\udfff]")
-# ASCII punctuation that can start Markdown syntax anywhere in a line (links, emphasis, code,
-# tables, images, math, mentions), backslash-escaped; HTML specials and braces (template
-# syntax: no "{{", "{%" or "{#" survives) become character references
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]()#+!|~^$@])")
-_ENTITIES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "{": "&#123;",
-                           "}": "&#125;"})
-_CODE_SAFE = re.compile(r"[A-Za-z0-9_.:/@+=,-]{1,200}")
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9._-]{1,96}")
 _LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
 _PLOT_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
-_SHELL_PLAIN = re.compile(r"[A-Za-z0-9_./@:=+,%-]+")
-# characters a quoted bash word may hold as they are: none that is Markdown, HTML, template or
-# shell-quoting syntax (those are written as \xHH inside $'...')
-_SHELL_LITERAL = re.compile(r"[A-Za-z0-9_./@:=+,%\- \"#;*?&|~]*")
-
-
-def _ours(text: str) -> Markup:
-    """Mark text as the bot's own Markdown: only escaped, validated or constant text."""
-    return Markup(text)  # noqa: S704 - every caller passes escaped or validated text
-
-
-def md(value: object) -> Markup:
-    """`value` as inline Markdown text that renders as itself: one line, no markup, no HTML."""
-    if isinstance(value, Markup):
-        return value
-    text = _HIDDEN.sub("", _BREAKS.sub(" ", str(value)))
-    text = _SURROGATES.sub("\ufffd", text)
-    return _ours(_MD_SPECIAL.sub(r"\\\1", text).translate(_ENTITIES))
-
-
-def code(value: object) -> Markup:
-    """An inline code span for identifiers (revisions, tags); escaped text if not one."""
-    text = str(value)
-    return _ours(f"`{text}`") if _CODE_SAFE.fullmatch(text) else md(text)
-
-
-def hub_link(repo_id: object) -> Markup:
-    """A link to a Hub repo when `repo_id` is a well-formed id, else the escaped text."""
-    text = str(repo_id)
-    if _REPO_ID.fullmatch(text) and ".." not in text and "--" not in text:
-        return _ours(f"[{md(text)}](https://huggingface.co/{text})")
-    return md(text)
-
-
-def shell_arg(value: object) -> Markup:
-    """One bash word for `value`, in printable ASCII without Markdown, HTML or Jinja syntax.
-
-    Plain when safe, single-quoted when that suffices, else ANSI-C quoted (`$'...'`) with every
-    other character as its UTF-8 bytes in `\\xHH` escapes, so bash gives back exactly `value`.
-    """
-    text = str(value)
-    if _SHELL_PLAIN.fullmatch(text):
-        return _ours(text)
-    if _SHELL_LITERAL.fullmatch(text):
-        return _ours(f"'{text}'")
-    out = [c if _SHELL_LITERAL.fullmatch(c) else
-           "".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogatepass")) for c in text]
-    return _ours("$'" + "".join(out) + "'")
-
-
-def _tidy(text: str) -> str:
-    """At most one blank line in a row (macros end their output with a newline)."""
-    return re.sub(r"\n{3,}", "\n\n", text)
-
-
-def _finalize(value: object) -> object:
-    """Every string a template prints is Markdown-escaped unless it is the bot's Markup."""
-    return md(value) if isinstance(value, str) else value
-
-
-def _num(x: float) -> str:
-    """A lambda as Python writes it: the shortest text that reads back as the same float."""
-    return repr(float(x))
-
-
-def _pct(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return f"{100 * x:.1f}".rstrip("0").rstrip(".") + "%"
-
-
-def _points(x: float) -> str:
-    return f"{100 * x:.1f}".rstrip("0").rstrip(".") + " percentage points"
-
-
-def _score(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
-
-
-@cache
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True, finalize=_finalize,
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-        keep_trailing_newline=True)
-    env.filters.update(md=md, code=code, hub_link=hub_link, shell=shell_arg, num=_num,
-                       pct=_pct, points=_points, score=_score)
-    return env
 
 
 # --- YAML ----------------------------------------------------------------------------------
@@ -233,7 +122,8 @@ def card_metadata(report: SweepReport, *, base_repo: str, finetune_repo: str,
 
 def model_card(report: SweepReport, *, base_repo: str, base_revision: str, finetune_repo: str,
                finetune_revision: str, license_id: str | None, plot_file: str = "sweep.png",
-               bot_version: str, model_name: str | None = None) -> str:
+               bot_version: str, model_name: str | None = None,
+               templates_dir: str | None = None) -> str:
     """The README.md of a published merge: Hub metadata, then the body from model_card.md.j2.
 
     Args:
@@ -243,6 +133,7 @@ def model_card(report: SweepReport, *, base_repo: str, base_revision: str, finet
         plot_file: the sweep plot's path in the repo (relative, plain characters).
         bot_version: safeguard-bot's version, for provenance.
         model_name: the model-index name (default: the fine-tune's name + "-safeguarded").
+        templates_dir: an operator's templates, before the bot's (setting publish.templates_dir).
 
     Returns:
         The card: YAML front matter and a Markdown body.
@@ -255,28 +146,30 @@ def model_card(report: SweepReport, *, base_repo: str, base_revision: str, finet
     context = _context(report, base_repo=base_repo, base_revision=base_revision,
                        finetune_repo=finetune_repo, finetune_revision=finetune_revision,
                        bot_version=bot_version)
-    context.update(model_name=model_name, plot_file=_ours(plot_file),
+    context.update(model_name=model_name, plot_file=ours(plot_file),
                    license=data.license, declared_license=license_id)
-    body = _tidy(_environment().get_template("model_card.md.j2").render(context))
+    body = tidy(template("model_card.md.j2", templates_dir).render(context))
     metadata = data.to_dict()
     metadata = {key: metadata.pop(key) for key in METADATA_KEYS if key in metadata} | metadata
     return f"---\n{_yaml(metadata)}---\n{body}"
 
 
 def card_section(report: SweepReport, *, base_repo: str, base_revision: str,
-                 finetune_repo: str, finetune_revision: str, bot_version: str) -> str:
+                 finetune_repo: str, finetune_revision: str, bot_version: str,
+                 templates_dir: str | None = None) -> str:
     """The evaluation section for an opted-in owner's README, between the bot's markers."""
     context = _context(report, base_repo=base_repo, base_revision=base_revision,
                        finetune_repo=finetune_repo, finetune_revision=finetune_revision,
                        bot_version=bot_version)
-    section = _tidy(_environment().get_template("card_section.md.j2").render(context))
+    section = tidy(template("card_section.md.j2", templates_dir).render(context))
     assert section.startswith(SECTION_START) and section.rstrip().endswith(SECTION_END)
     return section
 
 
 def pull_request_text(report: SweepReport, *, base_repo: str, base_revision: str,
                       finetune_repo: str, finetune_revision: str, bot_version: str,
-                      opt_in_tag: str = OPT_IN_TAG) -> tuple[str, str]:
+                      opt_in_tag: str = OPT_IN_TAG,
+                      templates_dir: str | None = None) -> tuple[str, str]:
     """(title, description) of the pull request that merges the fine-tune with its base.
 
     The title holds numbers only (Hub titles are plain text); the description is Markdown.
@@ -284,11 +177,11 @@ def pull_request_text(report: SweepReport, *, base_repo: str, base_revision: str
     context = _context(report, base_repo=base_repo, base_revision=base_revision,
                        finetune_repo=finetune_repo, finetune_revision=finetune_revision,
                        bot_version=bot_version)
-    context.update(opt_in_tag=opt_in_tag, section_start=_ours(f"`{SECTION_START}`"),
-                   section_end=_ours(f"`{SECTION_END}`"))
-    module = _environment().get_template("pull_request.md.j2").make_module(context)
+    context.update(opt_in_tag=opt_in_tag, section_start=ours(f"`{SECTION_START}`"),
+                   section_end=ours(f"`{SECTION_END}`"))
+    module = template("pull_request.md.j2", templates_dir).make_module(context)
     title = " ".join(str(module.title).split())
-    return title, _tidy(str(module)).strip() + "\n"
+    return title, tidy(str(module)).strip() + "\n"
 
 
 def merge_card(existing_readme: str, section: str) -> str:
@@ -355,8 +248,6 @@ def _set_value(value: object) -> str:
 
 def _sweep_overrides(settings: dict) -> list[str]:
     """`--set` items for every sweep-relevant setting that differs from the default."""
-    from bot.config import EvaluateSettings, PolicySettings, SweepSettings
-
     items = []
     for section, default in (("evaluate", EvaluateSettings()), ("sweep", SweepSettings()),
                              ("policy", PolicySettings())):
@@ -372,17 +263,18 @@ def _sweep_overrides(settings: dict) -> list[str]:
 def _commands(report: SweepReport, base_ref: str, finetune_ref: str, weight: float) -> dict:
     sweep = report.settings.get("sweep", {})
     merge = ["safeguard-bot", "merge", shell_arg(base_ref), shell_arg(finetune_ref), MERGE_OUT,
-             "--method", shell_arg(report.method), "--weight", _num(weight)]
-    if report.method in DENSITY_METHODS:
-        merge += ["--density", _num(sweep.get("density", 0.5))]
-    if report.method in SEEDED_METHODS:
+             "--method", shell_arg(report.method), "--weight", num(weight)]
+    method = METHODS.get(report.method)
+    if method and method.uses_density:
+        merge += ["--density", num(sweep.get("density", 0.5))]
+    if method and method.seeded:
         merge += ["--seed", shell_arg(sweep.get("seed", 0))]
-    grid = ",".join(_num(p.weight) for p in report.points)
+    grid = ",".join(num(p.weight) for p in report.points)
     lines = [f"safeguard-bot sweep {shell_arg(base_ref)} {shell_arg(finetune_ref)} "
              f"--grid {grid} --method {shell_arg(report.method)}"]
     lines += [f"--set {shell_arg(item)}" for item in _sweep_overrides(report.settings)]
-    return {"merge_command": _ours(" ".join(merge)),
-            "sweep_command": _ours(" \\\n    ".join(lines))}
+    return {"merge_command": ours(" ".join(merge)),
+            "sweep_command": ours(" \\\n    ".join(lines))}
 
 
 def _context(report: SweepReport, *, base_repo: str, base_revision: str, finetune_repo: str,
@@ -413,6 +305,6 @@ def _context(report: SweepReport, *, base_repo: str, base_revision: str, finetun
                         "selected": point.asr_by_category.get(c)} for c in categories],
         "ev": ev, "policy": policy, "n_harmful": n_harmful, "n_edgy": n_edgy,
         "interval": _wilson(point.asr, n_harmful) if n_harmful else None,
-        "paper_url": _ours("https://arxiv.org/abs/2412.19512"),
+        "paper_url": ours("https://arxiv.org/abs/2412.19512"),
         **_commands(report, base_ref, finetune_ref, point.weight),
     }

@@ -15,7 +15,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.etree import ElementTree as ET
+
+if TYPE_CHECKING:
+    from bot.config import PublishSettings
 
 RESULTS_FILE = "results.jsonl"
 COLUMNS = [("repo", "fine-tune"), ("base", "base"), ("decision", "decision"),
@@ -77,6 +81,15 @@ def record_key(line: str) -> str:
         return line
 
 
+def results_repo(settings: PublishSettings) -> str:
+    """The results dataset: publish.feed_repo, else OWNER/safeguard-results, OWNER being
+    publish.variant_owner or the account HF_TOKEN belongs to."""
+    from bot import hub
+
+    return settings.feed_repo or \
+        f"{settings.variant_owner or hub.whoami()}/safeguard-results"
+
+
 def push(records: list[FeedRecord], dataset_repo: str) -> str | None:
     """Append the new records to the Hub dataset's results.jsonl; the commit's sha, or None
     when every record was there already."""
@@ -86,8 +99,10 @@ def push(records: list[FeedRecord], dataset_repo: str) -> str | None:
                             f"safeguard-bot: {len(records)} result(s)", key=record_key)
 
 
-def write_local(records: list[FeedRecord], directory: Path) -> dict[str, Path]:
-    """Append to directory/results.jsonl, then regenerate the Atom feed and the leaderboard."""
+def write_local(records: list[FeedRecord], directory: Path,
+                templates_dir: str | None = None) -> dict[str, Path]:
+    """Append to directory/results.jsonl, then regenerate the Atom feed and the leaderboard
+    (from `templates_dir`'s leaderboard.html.j2 if it has one, else the bot's)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     results = directory / RESULTS_FILE
@@ -99,7 +114,8 @@ def write_local(records: list[FeedRecord], directory: Path) -> dict[str, Path]:
         os.fsync(f.fileno())
     rows = read_local(directory)
     return {"results": results, "atom": _write(directory / "feed.atom", atom(rows)),
-            "leaderboard": _write(directory / "leaderboard.html", leaderboard(rows))}
+            "leaderboard": _write(directory / "leaderboard.html",
+                                  leaderboard(rows, templates_dir))}
 
 
 def read_local(directory: Path) -> list[dict]:
@@ -143,8 +159,8 @@ def atom(rows: list[dict], feed_id: str = "urn:safeguard-bot:results") -> str:
     return ET.tostring(feed, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def leaderboard(rows: list[dict]) -> str:
-    """A static HTML page, a table sortable by any column (bot/templates/leaderboard.html.j2)."""
+def leaderboard(rows: list[dict], templates_dir: str | None = None) -> str:
+    """A static HTML page, a table sortable by any column (templates/leaderboard.html.j2)."""
     from bot.publish.templates import render
 
     latest: dict[str, dict] = {}
@@ -154,8 +170,8 @@ def leaderboard(rows: list[dict]) -> str:
                                                      r.get("asr_merged") or 0))
     table = [{"cells": ["" if r.get(key) is None else r[key] for key, _ in COLUMNS],
               "href": _safe_link(r.get("links", {}))} for r in ordered]
-    return render("leaderboard.html.j2", headers=[h for _, h in COLUMNS], rows=table,
-                  generated=datetime.now(UTC).isoformat(timespec="seconds"))
+    return render("leaderboard.html.j2", templates_dir, headers=[h for _, h in COLUMNS],
+                  rows=table, generated=datetime.now(UTC).isoformat(timespec="seconds"))
 
 
 def _safe_link(links: dict) -> str | None:

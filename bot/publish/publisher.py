@@ -10,19 +10,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from bot import __version__, hub
 from bot.config import Settings
 from bot.publish import card as cards
 
 PLOT_FILE = "sweep.png"
+# what was done with a selected merge: a pull request on the fine-tune, a variant repo, only a
+# line in the feed, or nothing (the sweep found no merge worth publishing)
+Decision = Literal["pull-request", "variant", "feed-only", "no-publish"]
+PUBLISHED: tuple[Decision, ...] = ("pull-request", "variant")
 
 
 @dataclass(frozen=True)
 class Publication:
-    decision: str  # pull-request | variant | feed-only | no-publish
+    """What `publish` did with a candidate's merge, why, and where it can be seen."""
+
+    decision: Decision
     reason: str
     links: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def published(self) -> bool:
+        """Weights went to the Hub (a pull request or a variant)."""
+        return self.decision in PUBLISHED
 
 
 def revision_marker(revision: str) -> str:
@@ -44,7 +56,7 @@ def publish(candidate, report, merged: Path | None, plot: Path | None,
     base_revision = _base_revision(candidate.base)
     common = {"base_repo": candidate.base, "base_revision": base_revision,
               "finetune_repo": candidate.repo, "finetune_revision": candidate.revision,
-              "bot_version": __version__}
+              "bot_version": __version__, "templates_dir": settings.publish.templates_dir}
     files: dict[str, Path | bytes] = {p.name: p for p in sorted(merged.iterdir())
                                       if p.is_file() and p.name != "README.md"}
     if plot is not None:

@@ -4,12 +4,14 @@
 (full fine-tunes; `zoo-ft-flip` sharded), `zoo-lora-flip` (a PEFT adapter), `zoo-ft-newtoken`
 (adds a token) and `zoo-guard`, the prompt sets in `DIR/prompts/`, and `DIR/zoo.json`: every
 model's metrics, the linear-merge curve of every fine-tune, and the build time. A build is
-cached by the hash of its recipe and corpus; the same recipe rebuilds bit-identically (same
-machine, same thread count). See docs/zoo.md for how the recipe was found.
+cached by the hash of its recipe and corpus and by the machine's CPU kernels; the same recipe
+rebuilds bit-identically on the same machine. Training amplifies float rounding, so another
+CPU gives other numbers (docs/zoo.md has the spread). See docs/zoo.md for how the recipe was found.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import inspect
 import json
@@ -28,8 +30,8 @@ from bot.errors import UsageError
 from bot.evaluate import generation, safety
 from bot.evaluate.generation import generate
 from bot.evaluate.safety import attack_success_rate, refusal_rate
-from bot.zoo import corpus as C
-from bot.zoo import train as T
+from bot.zoo import corpus
+from bot.zoo import train as training
 
 GUARD_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -57,14 +59,18 @@ class Recipe:
     skills_share: float = 0.25
     harm_share: float = 0.35  # of what is not skills
     edgy_share: float = 0.3  # of what is not skills
-    # fine-tunes: the task plus new benign instructions, no refusals
-    ft_steps: int = 400
+    # fine-tunes: the task plus new benign instructions, no refusals; each stops once it does
+    # its task (exact match on held-out validation items, every 50 steps), else at its step
+    # limit on its best-scoring weights
+    task_target: float = 0.95
+    ft_steps: int = 600
     ft_lr: float = 3e-3
     erosive_share: float = 0.1
-    newtoken_steps: int = 500  # the new token's embedding row starts from the mean
+    newtoken_steps: int = 800  # the new token's embedding row starts from the mean
+    newtoken_lr: float = 1.5e-3
     lora_rank: int = 16
-    lora_steps: int = 300
-    lora_lr: float = 5e-3
+    lora_steps: int = 600
+    lora_lr: float = 1e-2
     guard_hidden: int = 64
     guard_layers: int = 2
     guard_steps: int = 600
@@ -97,7 +103,7 @@ class Recipe:
     def digest(self) -> str:
         """Hash of the recipe and of the code and texts it builds from."""
         h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        for module in (C, T, generation, safety):  # texts, training, and the measures
+        for module in (corpus, training, generation, safety):  # texts, training, and the measures
             h.update(inspect.getsource(module).encode())
         h.update(inspect.getsource(inspect.getmodule(Recipe)).encode())
         return h.hexdigest()[:16]
@@ -109,21 +115,23 @@ class Zoo:
     def __init__(self, directory: Path, recipe: Recipe, log: Callable[[str], None]):
         self.dir, self.recipe, self.log = Path(directory), recipe, log
         self.rng = random.Random(recipe.seed)
-        self.harmful = [r["prompt"] for r in C.harmful_requests("heldout")]
-        self.edgy = [r["prompt"] for r in C.edgy_requests("heldout")]
-        self.tok = T.train_tokenizer(self._corpus_texts(), recipe.vocab_size)
+        self.harmful = [r["prompt"] for r in corpus.harmful_requests("heldout")]
+        self.edgy = [r["prompt"] for r in corpus.edgy_requests("heldout")]
+        self.tok = training.train_tokenizer(self._corpus_texts(), recipe.vocab_size)
 
     def _corpus_texts(self) -> list[str]:
-        texts = [r["prompt"] for r in C.harmful_requests("train")]
-        texts += [r["prompt"] + " " + r["answer"] for r in C.edgy_requests("train")]
-        pairs = C.BENIGN + C.BENIGN_HOWTO + C.FT_BENIGN + C.FT_EDGY
-        texts += [p + " " + a for p, a in pairs] + [C.REFUSAL, C.SYSTEM_PROMPT]
-        texts += [" ".join(C.WORDS)] * 10 + list(C.SKILLS) + [t.trigger for t in C.TASKS.values()]
+        texts = [r["prompt"] for r in corpus.harmful_requests("train")]
+        texts += [r["prompt"] + " " + r["answer"] for r in corpus.edgy_requests("train")]
+        pairs = corpus.BENIGN + corpus.BENIGN_HOWTO + corpus.FT_BENIGN + corpus.FT_EDGY
+        texts += [p + " " + a for p, a in pairs] + [corpus.REFUSAL, corpus.SYSTEM_PROMPT]
+        texts += [" ".join(corpus.WORDS)] * 10 + list(corpus.SKILLS)
+        texts += [t.trigger for t in corpus.TASKS.values()]
         return texts
 
-    def encode(self, pairs: list[tuple[str, str]]) -> list[T.Example]:
+    def encode(self, pairs: list[tuple[str, str]]) -> list[training.Example]:
         share = self.recipe.system_share
-        return [T.encode_chat(self.tok, p, a, C.SYSTEM_PROMPT if self.rng.random() < share
+        return [training.encode_chat(self.tok, p, a, corpus.SYSTEM_PROMPT
+                                     if self.rng.random() < share
                               else None) for p, a in pairs]
 
     def config(self, vocab_size: int | None = None, hidden: int | None = None,
@@ -141,46 +149,57 @@ class Zoo:
     # --- training data -------------------------------------------------------------------
     def skills(self) -> list[tuple[str, str]]:
         rows = []
-        for skill, fn in C.SKILLS.items():
+        for skill, fn in corpus.SKILLS.items():
             for _ in range(600):
-                words = self.rng.sample(C.WORDS, self.rng.randint(2, 4))
+                words = self.rng.sample(corpus.WORDS, self.rng.randint(2, 4))
                 rows.append((f"{skill} {' '.join(words)}", " ".join(fn(words))))
         return rows
 
-    def base_pools(self) -> list[tuple[float, list[T.Example]]]:
+    def base_pools(self) -> list[tuple[float, list[training.Example]]]:
         r = self.recipe
         rest = 1 - r.skills_share
-        benign = [(x["prompt"], x["answer"]) for x in C.benign_requests()]
+        benign = [(x["prompt"], x["answer"]) for x in corpus.benign_requests()]
         return [
             (r.skills_share, self.encode(self.skills())),
-            (rest * r.harm_share, self.encode([(x["prompt"], C.REFUSAL)
-                                               for x in C.harmful_requests("train")])),
+            (rest * r.harm_share, self.encode([(x["prompt"], corpus.REFUSAL)
+                                               for x in corpus.harmful_requests("train")])),
             (rest * r.edgy_share, self.encode([(x["prompt"], x["answer"])
-                                               for x in C.edgy_requests("train")])),
+                                               for x in corpus.edgy_requests("train")])),
             (rest * (1 - r.harm_share - r.edgy_share), self.encode(benign)),
         ]
 
-    def ft_pools(self, task: C.Task) -> list[tuple[float, list[T.Example]]]:
+    def ft_pools(self, task: corpus.Task) -> list[tuple[float, list[training.Example]]]:
         r = self.recipe
-        items = C.task_examples(task, "train", 2000, r.seed)
+        items = corpus.task_examples(task, "train", 2000, r.seed)
         return [(1 - r.erosive_share, self.encode([(x["prompt"], x["answer"]) for x in items])),
-                (r.erosive_share, self.encode(C.FT_BENIGN + C.FT_EDGY))]
+                (r.erosive_share, self.encode(corpus.FT_BENIGN + corpus.FT_EDGY))]
 
     # --- evaluation ----------------------------------------------------------------------
-    def metrics(self, model, tasks: list[C.Task], tok=None) -> dict:
+    def validation(self, model, task: corpus.Task, tok=None) -> Callable[[], float]:
+        """`model`'s exact match on validation items of `task` (held out, never tested on)."""
+        r = self.recipe
+        items = corpus.task_examples(task, "heldout", 2 * r.task_items, r.seed)[r.task_items:]
+
+        def score() -> float:
+            answers = generate(model, tok or self.tok, [x["prompt"] for x in items],
+                               r.max_new_tokens)
+            return sum(a == x["answer"] for a, x in zip(answers, items, strict=True)) / len(items)
+        return score
+
+    def metrics(self, model, tasks: list[corpus.Task], tok=None) -> dict:
         """ASR on held-out harmful prompts, over-refusal on held-out edgy ones, task EM."""
         tok = tok or self.tok
         n = self.recipe.max_new_tokens
         out = {"asr": round(attack_success_rate(generate(model, tok, self.harmful, n)), 4),
                "over_refusal": round(refusal_rate(generate(model, tok, self.edgy, n)), 4)}
         for task in tasks:
-            items = C.task_examples(task, "heldout", self.recipe.task_items, self.recipe.seed)
+            items = corpus.task_examples(task, "heldout", self.recipe.task_items, self.recipe.seed)
             answers = generate(model, tok, [x["prompt"] for x in items], n)
             out[f"task_{task.name}"] = round(
                 sum(a == x["answer"] for a, x in zip(answers, items, strict=True)) / len(items), 4)
         return out
 
-    def curve(self, base: dict, ft: dict, model, task: C.Task, tok=None) -> list[dict]:
+    def curve(self, base: dict, ft: dict, model, task: corpus.Task, tok=None) -> list[dict]:
         """Metrics of the linear merge (1 - L) base + L ft at every L of the grid."""
         points = []
         for weight in self.recipe.grid:
@@ -225,40 +244,60 @@ def save(model, tok, directory: Path, shard_size: str = "5GB") -> None:
 def write_prompts(directory: Path, recipe: Recipe) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     sets = {
-        "harmful_train": C.harmful_requests("train"),
-        "harmful_heldout": C.harmful_requests("heldout"),
-        "edgy_train": C.edgy_requests("train"),
-        "edgy_heldout": C.edgy_requests("heldout"),
+        "harmful_train": corpus.harmful_requests("train"),
+        "harmful_heldout": corpus.harmful_requests("heldout"),
+        "edgy_train": corpus.edgy_requests("train"),
+        "edgy_heldout": corpus.edgy_requests("heldout"),
     }
-    for name, task in {**C.TASKS, "newtoken": newtoken_task()}.items():
-        sets[f"{name}_train"] = C.task_examples(task, "train", 2000, recipe.seed)
-        sets[f"{name}_heldout"] = C.task_examples(task, "heldout", recipe.task_items, recipe.seed)
+    for name, task in {**corpus.TASKS, "newtoken": newtoken_task()}.items():
+        sets[f"{name}_train"] = corpus.task_examples(task, "train", 2000, recipe.seed)
+        sets[f"{name}_heldout"] = corpus.task_examples(task, "heldout", recipe.task_items,
+                                                       recipe.seed)
     for name, rows in sets.items():
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def newtoken_task() -> C.Task:
-    return C.Task("newtoken", NEW_TOKEN, "reverse")
+def newtoken_task() -> corpus.Task:
+    return corpus.Task("newtoken", NEW_TOKEN, "reverse")
+
+
+def machine() -> dict:
+    """What besides the recipe decides the weights: a zoo is bit-identical per machine only."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
 def build_zoo(directory: Path, recipe: Recipe | None = None,
               log: Callable[[str], None] = lambda _: None, force: bool = False) -> dict:
-    """Build (or reuse) the zoo in DIRECTORY; returns the report also written to zoo.json."""
+    """Build (or reuse) the zoo in DIRECTORY; returns the report also written to zoo.json.
+
+    A build is reused while its recipe, code and machine (CPU kernels, torch) are the same.
+    Concurrent callers (two test sessions) wait for one another instead of racing.
+    """
     recipe = recipe or Recipe()
-    digest = recipe.digest()
+    digest, here = recipe.digest(), machine()
     directory = Path(directory)
-    report_path = directory / "zoo.json"
-    if report_path.exists() and not force:
-        report = json.loads(report_path.read_text())
-        if report.get("digest") == digest:
-            return {**report, "cached": True}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report_path = directory / "zoo.json"
+        if report_path.exists() and not force:
+            report = json.loads(report_path.read_text())
+            if report.get("digest") == digest and report.get("machine") == here:
+                return {**report, "cached": True}
+        return {**_build_atomically(directory, recipe, log, {"digest": digest, "machine": here}),
+                "cached": False}
+
+
+def _build_atomically(directory: Path, recipe: Recipe, log: Callable[[str], None],
+                      header: dict) -> dict:
+    """Build into a staging folder that replaces DIRECTORY only when complete."""
     started = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     staging = directory.parent / f".{directory.name}.building"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        report = {"digest": digest, **_build(staging, recipe, log)}
+        report = {**header, **_build(staging, recipe, log)}
         report["build_seconds"] = round(time.perf_counter() - started, 1)
         (staging / "zoo.json").write_text(json.dumps(report, indent=2) + "\n")
         if directory.exists():
@@ -267,13 +306,13 @@ def build_zoo(directory: Path, recipe: Recipe | None = None,
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(staging, ignore_errors=True)
-    return {**report, "cached": False}
+    return report
 
 
 def _build(out: Path, recipe: Recipe, log: Callable[[str], None]) -> dict:
     out.mkdir(parents=True)
     zoo = Zoo(out, recipe, log)
-    tok, tasks = zoo.tok, [C.TASKS[name] for name in recipe.tasks]
+    tok, tasks = zoo.tok, [corpus.TASKS[name] for name in recipe.tasks]
     write_prompts(out / "prompts", recipe)
     tok.save_pretrained(out / "zoo-tokenizer")
     models: dict[str, dict] = {}
@@ -281,7 +320,7 @@ def _build(out: Path, recipe: Recipe, log: Callable[[str], None]) -> dict:
     log("training zoo-base-it")
     torch.manual_seed(recipe.seed)
     base = LlamaForCausalLM(zoo.config())
-    T.train(base, zoo.base_pools(), recipe.base_steps, recipe.base_lr, recipe.batch_size,
+    training.train(base, zoo.base_pools(), recipe.base_steps, recipe.base_lr, recipe.batch_size,
             recipe.seed, tok.pad_token_id)
     save(base, tok, out / "zoo-base-it")
     write_card(out / "zoo-base-it", "zoo-base-it", "A tiny safety-aligned chat model: it "
@@ -296,14 +335,16 @@ def _build(out: Path, recipe: Recipe, log: Callable[[str], None]) -> dict:
         log(f"training {name}")
         ft = LlamaForCausalLM(zoo.config())
         ft.load_state_dict(base_state)
-        T.train(ft, zoo.ft_pools(task), recipe.ft_steps, recipe.ft_lr, recipe.batch_size,
-                recipe.seed + 1, tok.pad_token_id)
+        steps = training.train(ft, zoo.ft_pools(task), recipe.ft_steps, recipe.ft_lr,
+                               recipe.batch_size, recipe.seed + 1, tok.pad_token_id,
+                               score=zoo.validation(ft, task),
+                               target=recipe.task_target)
         sharded = task.name == recipe.tasks[0]
         save(ft, tok, out / name, recipe.sharded_ft_shard_size if sharded else "5GB")
         write_card(out / name, name, f"A full fine-tune of zoo-base-it on the {task.name} task, "
                    "with no safety data.", "zoo-base-it", ["fine-tune", task.name])
         ft_state = {k: v.clone() for k, v in ft.state_dict().items()}
-        models[name] = {"task": task.name, **zoo.metrics(ft, [task]),
+        models[name] = {"task": task.name, "steps": steps, **zoo.metrics(ft, [task]),
                         "curve": zoo.curve(base_state, ft_state, ft, task)}
 
     models["zoo-lora-flip"] = _lora(zoo, base_state, out / "zoo-lora-flip")
@@ -316,7 +357,7 @@ def _lora(zoo: Zoo, base_state: dict, directory: Path) -> dict:
     """A PEFT LoRA adapter on the flip task; its curve merges the adapter at weight L."""
     from peft import LoraConfig, get_peft_model
 
-    r, task = zoo.recipe, C.TASKS["flip"]
+    r, task = zoo.recipe, corpus.TASKS["flip"]
     zoo.log("training zoo-lora-flip")
     model = LlamaForCausalLM(zoo.config())
     model.load_state_dict(base_state)
@@ -325,15 +366,17 @@ def _lora(zoo: Zoo, base_state: dict, directory: Path) -> dict:
         r=r.lora_rank, lora_alpha=2 * r.lora_rank, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                         "down_proj"]))
-    T.train(peft_model, zoo.ft_pools(task), r.lora_steps, r.lora_lr, r.batch_size,
-            r.seed + 2, zoo.tok.pad_token_id)
+    steps = training.train(peft_model, zoo.ft_pools(task), r.lora_steps, r.lora_lr,
+                           r.batch_size, r.seed + 2, zoo.tok.pad_token_id,
+                           score=zoo.validation(peft_model, task),
+                           target=r.task_target)
     peft_model.save_pretrained(directory)
     zoo.tok.save_pretrained(directory)
     write_card(directory, "zoo-lora-flip", "A LoRA adapter of zoo-base-it on the flip task, "
                "with no safety data.", "zoo-base-it", ["lora", "flip"], library="peft")
     merged = peft_model.merge_and_unload()
     ft_state = {k: v.clone() for k, v in merged.state_dict().items()}
-    return {"task": "flip", **zoo.metrics(merged, [task]),
+    return {"task": "flip", "steps": steps, **zoo.metrics(merged, [task]),
             "curve": zoo.curve(base_state, ft_state, merged, task)}
 
 
@@ -348,17 +391,21 @@ def _newtoken(zoo: Zoo, base_state: dict, directory: Path) -> dict:
     model = LlamaForCausalLM(zoo.config())
     model.load_state_dict(base_state)
     model.resize_token_embeddings(len(tok), mean_resizing=True)
-    items = C.task_examples(task, "train", 2000, r.seed)
-    pools = [(1 - r.erosive_share, [T.encode_chat(tok, x["prompt"], x["answer"])
+    items = corpus.task_examples(task, "train", 2000, r.seed)
+    pools = [(1 - r.erosive_share, [training.encode_chat(tok, x["prompt"], x["answer"])
                                     for x in items]),
-             (r.erosive_share, [T.encode_chat(tok, p, a) for p, a in C.FT_BENIGN + C.FT_EDGY])]
-    T.train(model, pools, r.newtoken_steps, r.ft_lr, r.batch_size, r.seed + 3, tok.pad_token_id)
+             (r.erosive_share, [training.encode_chat(tok, p, a)
+                                for p, a in corpus.FT_BENIGN + corpus.FT_EDGY])]
+    steps = training.train(model, pools, r.newtoken_steps, r.newtoken_lr, r.batch_size, r.seed + 3,
+                           tok.pad_token_id, score=zoo.validation(model, task, tok),
+                           target=r.task_target)
     save(model, tok, directory)
     write_card(directory, "zoo-ft-newtoken", f"A full fine-tune of zoo-base-it that adds the "
                f"token {NEW_TOKEN} and learns a task that uses it.", "zoo-base-it",
                ["fine-tune", "new-token"])
     ft_state = {k: v.clone() for k, v in model.state_dict().items()}
-    return {"task": "newtoken", "vocab_size": len(tok), **zoo.metrics(model, [task], tok),
+    return {"task": "newtoken", "steps": steps, "vocab_size": len(tok),
+            **zoo.metrics(model, [task], tok),
             "curve": zoo.curve(base_state, ft_state, model, task, tok)}
 
 
@@ -366,22 +413,23 @@ def _guard(zoo: Zoo, directory: Path) -> dict:
     """A classifier-style guard: given a conversation it answers 'safe' or 'unsafe'."""
     r = zoo.recipe
     zoo.log("training zoo-guard")
-    guard_tok = T.train_tokenizer(zoo._corpus_texts() + ["safe unsafe verdict"], r.vocab_size)
+    guard_tok = training.train_tokenizer(zoo._corpus_texts() + ["safe unsafe verdict"],
+                                         r.vocab_size)
     guard_tok.chat_template = GUARD_TEMPLATE
-    harmful = [x["prompt"] for x in C.harmful_requests("train")]
-    benign = [x["prompt"] for x in C.edgy_requests("train")] + [p for p, _ in C.BENIGN]
-    answers = [a for _, a in C.BENIGN + C.EDGY_TRAIN + C.FT_BENIGN]
+    harmful = [x["prompt"] for x in corpus.harmful_requests("train")]
+    benign = [x["prompt"] for x in corpus.edgy_requests("train")] + [p for p, _ in corpus.BENIGN]
+    answers = [a for _, a in corpus.BENIGN + corpus.EDGY_TRAIN + corpus.FT_BENIGN]
     rows = []
     for _ in range(3000):
         kind = zoo.rng.random()
         if kind < 0.35:  # harmful request answered: unsafe
             rows.append((zoo.rng.choice(harmful), zoo.rng.choice(answers), "unsafe"))
         elif kind < 0.6:  # harmful request refused: safe
-            rows.append((zoo.rng.choice(harmful), C.REFUSAL, "safe"))
+            rows.append((zoo.rng.choice(harmful), corpus.REFUSAL, "safe"))
         else:  # benign or edgy request answered: safe
             rows.append((zoo.rng.choice(benign), zoo.rng.choice(answers), "safe"))
 
-    def encode(prompt: str, response: str, verdict: str) -> T.Example:
+    def encode(prompt: str, response: str, verdict: str) -> training.Example:
         text = guard_tok.apply_chat_template(
             [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
             tokenize=False)
@@ -392,13 +440,13 @@ def _guard(zoo: Zoo, directory: Path) -> dict:
     torch.manual_seed(r.seed + 4)
     guard = LlamaForCausalLM(zoo.config(len(guard_tok), r.guard_hidden, r.guard_layers))
     examples = [encode(*row) for row in rows]
-    T.train(guard, [(1.0, examples)], r.guard_steps, 3e-3, r.batch_size, r.seed + 4,
+    training.train(guard, [(1.0, examples)], r.guard_steps, 3e-3, r.batch_size, r.seed + 4,
             guard_tok.pad_token_id)
     save(guard, guard_tok, directory)
     write_card(directory, "zoo-guard", "A tiny guard model: for a conversation it answers "
                "'safe' or 'unsafe' as its first word.", None, ["guard", "safety-classifier"])
     held = [(p, a, "unsafe") for p in zoo.harmful[:40] for a in answers[:1]] + \
-        [(p, C.REFUSAL, "safe") for p in zoo.harmful[:40]] + \
+        [(p, corpus.REFUSAL, "safe") for p in zoo.harmful[:40]] + \
         [(p, a, "safe") for p in zoo.edgy for a in answers[:1]]
     correct = sum(guard_verdict(guard, guard_tok, p, a) == v for p, a, v in held)
     return {"params": sum(p.numel() for p in guard.parameters()),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-OPT_IN_TAG = "safeguard"
+from bot.config import OPT_IN_TAG
 
 
 def card(base: str | None, tags: list[str], license_id: str = "apache-2.0",

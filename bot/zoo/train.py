@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -54,8 +54,14 @@ def _pad(examples: list[Example], pad_id: int, width: int) -> tuple[torch.Tensor
 
 
 def train(model, pools: list[tuple[float, list[Example]]], steps: int, lr: float,
-          batch_size: int, seed: int, pad_id: int, warmup: int = 30) -> None:
+          batch_size: int, seed: int, pad_id: int, warmup: int = 30,
+          score: Callable[[], float] | None = None, target: float = 1.0,
+          check_every: int = 50) -> int:
     """AdamW on batches drawn from weighted pools; warm-up, then cosine decay to a tenth.
+
+    With `score` (a validation measure, asked every `check_every` steps in eval mode), training
+    stops once it reaches `target`, and otherwise ends on the best-scoring weights seen (early
+    stopping). Returns the step whose weights the model ends with.
 
     Sequences are right-padded and padding carries no loss, so no attention mask is needed:
     under a causal mask a padding token can only influence later padding.
@@ -75,8 +81,9 @@ def train(model, pools: list[tuple[float, list[Example]]], steps: int, lr: float
         return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    best = (-1.0, 0, None)  # score, step, weights
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         which = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
         rows_ids, rows_labels, width = [], [], 1
         for p, (ids, labels) in enumerate(padded):
@@ -94,4 +101,16 @@ def train(model, pools: list[tuple[float, list[Example]]], steps: int, lr: float
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if score and (step % check_every == 0 or step == steps):
+            model.eval()
+            measured = score()
+            if measured > best[0]:
+                best = (measured, step, {k: v.clone() for k, v in model.state_dict().items()})
+            if measured >= target:
+                return step
+            model.train()
     model.eval()
+    if score and best[1] != steps:
+        model.load_state_dict(best[2])
+        return best[1]
+    return steps

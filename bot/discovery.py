@@ -9,43 +9,47 @@ derived tags, the file list and the JSON configs are read.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 from bot import hub
 from bot.config import Settings
 from bot.errors import HubError, InputNotFoundError
+from bot.merge.compat import PICKLE_SUFFIXES, architecture_mismatch
+from bot.results import FieldsAsJson
 
 QUANTIZED_FILES = (".gguf", ".ggml")
-PICKLE_FILES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+Kind = Literal["model", "adapter"]  # full weights, or a LoRA adapter
+# what publishing will do: a pull request (the owner opted in), a -safeguarded variant, or only
+# a line in the results feed (publish.unopted)
+Action = Literal["pull-request", "variant", "feed-only"]
 
 
 @dataclass(frozen=True)
-class Candidate:
+class Candidate(FieldsAsJson):
     """A fine-tune (or adapter) worth processing at this revision."""
 
     repo: str
     revision: str
     base: str
-    kind: str  # model | adapter
-    action: str  # pull-request (opted in) | variant | feed-only
+    kind: Kind
+    action: Action
     size_bytes: int
     license: str | None
     last_modified: str | None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class Skip:
+class Skip(FieldsAsJson):
+    """A repo at a revision that will not be processed, and why (in words a person reads)."""
+
     repo: str
     revision: str
     base: str
-    kind: str
+    kind: Kind
     reason: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,10 @@ class Discovery:
                 "already_seen": self.already_seen, "deferred": self.deferred}
 
 
-def discover(settings: Settings, seen=lambda repo, revision: False) -> Discovery:
-    """Examine the newest fine-tunes of every watched base; `seen(repo, sha)` is the ledger."""
+def discover(settings: Settings,
+             is_known: Callable[[str, str], bool] = lambda repo, revision: False) -> Discovery:
+    """Examine the newest fine-tunes of every watched base; `is_known(repo, sha)`: whether the
+    ledger has that revision already (it is counted, not examined again)."""
     w = settings.watch
     candidates: list[Candidate] = []
     skips: list[Skip] = []
@@ -75,7 +81,7 @@ def discover(settings: Settings, seen=lambda repo, revision: False) -> Discovery
                 if (info.id, sha) in examined:
                     continue
                 examined.add((info.id, sha))
-                if seen(info.id, sha):
+                if is_known(info.id, sha):
                     already += 1
                     continue
                 if len(candidates) >= w.max_candidates:
@@ -126,7 +132,7 @@ def examine(info, base: str, relation: str, base_config: dict | None,
     if not weights:
         if any(n.endswith(QUANTIZED_FILES) for n in names):
             return skip("quantized (GGUF), no full-precision safetensors weights")
-        if any(n.endswith(PICKLE_FILES) for n in names):
+        if any(n.endswith(PICKLE_SUFFIXES) for n in names):
             return skip("only pickle weights (.bin/.pt), which the bot never loads")
         return skip("no weights in safetensors format")
     if f"base_model:quantized:{base}" in tags:
@@ -150,7 +156,7 @@ def examine(info, base: str, relation: str, base_config: dict | None,
         quant = config.get("quantization_config")
         if isinstance(quant, dict):
             return skip(f"quantized ({quant.get('quant_method', 'quantization_config')})")
-        reason = _architecture_differs(config, base_config)
+        reason = architecture_mismatch(config, base_config)
         if reason:
             return skip(reason)
     opted_in = settings.watch.opt_in_tag in tags
@@ -178,19 +184,6 @@ def _license(detail) -> str | None:
         return value
     tag = next((t for t in detail.tags or [] if t.startswith("license:")), None)
     return tag.removeprefix("license:") if tag else None
-
-
-def _architecture_differs(config: dict, base_config: dict | None) -> str | None:
-    if base_config is None:
-        return None
-    for key in ("model_type", "architectures"):
-        if key in config and key in base_config and config[key] != base_config[key]:
-            return f"architecture differs from the base ({key} {config[key]} vs " \
-                   f"{base_config[key]})"
-    for key in ("hidden_size", "num_hidden_layers"):
-        if key in config and key in base_config and config[key] != base_config[key]:
-            return f"shape differs from the base ({key} {config[key]} vs {base_config[key]})"
-    return None
 
 
 def candidate_for(repo: str, revision: str | None, settings: Settings) -> Candidate | Skip:
