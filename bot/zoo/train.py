@@ -53,6 +53,21 @@ def _pad(examples: list[Example], pad_id: int, width: int) -> tuple[torch.Tensor
     return ids, labels
 
 
+def _batch(padded, lengths, weights, batch_size: int, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch drawn from the weighted pools, cut to its longest sequence."""
+    which = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
+    rows_ids, rows_labels, width = [], [], 1
+    for p, (ids, labels) in enumerate(padded):
+        n = int((which == p).sum())
+        if n:
+            pick = torch.randint(len(ids), (n,), generator=gen)
+            rows_ids.append(ids[pick])
+            rows_labels.append(labels[pick])
+            width = max(width, int(lengths[p][pick].max()))
+    return (torch.cat([r[:, :width] for r in rows_ids]),
+            torch.cat([r[:, :width] for r in rows_labels]))
+
+
 def train(model, pools: list[tuple[float, list[Example]]], steps: int, lr: float,
           batch_size: int, seed: int, pad_id: int, warmup: int = 30,
           score: Callable[[], float] | None = None, target: float = 1.0,
@@ -84,17 +99,7 @@ def train(model, pools: list[tuple[float, list[Example]]], steps: int, lr: float
     best = (-1.0, 0, None)  # score, step, weights
     model.train()
     for step in range(1, steps + 1):
-        which = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
-        rows_ids, rows_labels, width = [], [], 1
-        for p, (ids, labels) in enumerate(padded):
-            n = int((which == p).sum())
-            if n:
-                pick = torch.randint(len(ids), (n,), generator=gen)
-                rows_ids.append(ids[pick])
-                rows_labels.append(labels[pick])
-                width = max(width, int(lengths[p][pick].max()))
-        ids = torch.cat([r[:, :width] for r in rows_ids])
-        labels = torch.cat([r[:, :width] for r in rows_labels])
+        ids, labels = _batch(padded, lengths, weights, batch_size, gen)
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
