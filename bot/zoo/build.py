@@ -180,11 +180,7 @@ class Zoo:
         r = self.recipe
         items = corpus.task_examples(task, "heldout", 2 * r.task_items, r.seed)[r.task_items:]
 
-        def score() -> float:
-            answers = generate(model, tok or self.tok, [x["prompt"] for x in items],
-                               r.max_new_tokens)
-            return sum(a == x["answer"] for a, x in zip(answers, items, strict=True)) / len(items)
-        return score
+        return lambda: exact_match(model, tok or self.tok, items, r.max_new_tokens)
 
     def metrics(self, model, tasks: list[corpus.Task], tok=None) -> dict:
         """ASR on held-out harmful prompts, over-refusal on held-out edgy ones, task EM."""
@@ -194,9 +190,7 @@ class Zoo:
                "over_refusal": round(refusal_rate(generate(model, tok, self.edgy, n)), 4)}
         for task in tasks:
             items = corpus.task_examples(task, "heldout", self.recipe.task_items, self.recipe.seed)
-            answers = generate(model, tok, [x["prompt"] for x in items], n)
-            out[f"task_{task.name}"] = round(
-                sum(a == x["answer"] for a, x in zip(answers, items, strict=True)) / len(items), 4)
+            out[f"task_{task.name}"] = round(exact_match(model, tok, items, n), 4)
         return out
 
     def curve(self, base: dict, ft: dict, model, task: corpus.Task, tok=None) -> list[dict]:
@@ -207,6 +201,12 @@ class Zoo:
             points.append({"weight": weight, **self.metrics(model, [task], tok)})
         model.load_state_dict(ft)
         return points
+
+
+def exact_match(model, tok, items: list[dict], max_new_tokens: int) -> float:
+    """Share of task items whose greedy answer is exactly the reference."""
+    answers = generate(model, tok, [x["prompt"] for x in items], max_new_tokens)
+    return sum(a == x["answer"] for a, x in zip(answers, items, strict=True)) / len(items)
 
 
 def lerp_state(base: dict, ft: dict, weight: float) -> dict:
