@@ -394,7 +394,8 @@ import pickle, sys
 import bot
 from bot.publish.card import model_card
 assert bot.__file__.startswith(sys.argv[1]), bot.__file__  # the wheel's, not the checkout's
-sys.stdout.write(model_card(pickle.load(open("report.pkl", "rb")), **eval(sys.argv[2])))
+sys.stdout.write(model_card(pickle.load(open("report.pkl", "rb")), license_id="mit",
+                            **eval(sys.argv[2])))
 """
 
 
@@ -431,7 +432,7 @@ def test_an_installed_wheel_carries_the_templates_and_renders_a_card(report, tmp
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == model_card(report, **CLEAN)
+    assert proc.stdout == model_card(report, license_id="mit", **CLEAN)
 
 
 def test_an_operators_templates_come_first_and_the_defaults_fill_in(report, tmp_path):
@@ -444,7 +445,7 @@ def test_an_operators_templates_come_first_and_the_defaults_fill_in(report, tmp_
         "{{ results.sweep_table(rows) }}")
     settings = load_settings(None, [f"publish.templates_dir={own}"])
     assert settings.publish.templates_dir == str(own)
-    card = model_card(report, **HOSTILE, templates_dir=str(own))
+    card = model_card(report, license_id="mit", **HOSTILE, templates_dir=str(own))
     body = FRONT_MATTER.sub("", card, count=1)
     assert body.startswith("Our merge of eve/ft") and "<img" not in body  # escaped as ever
     assert table_rows(body)  # the default macros, from the bot's folder

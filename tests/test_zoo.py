@@ -8,8 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.evaluate.generation import generate
 from bot.merge.engine import MergeRequest, merge_models
-from bot.zoo import bars
-from bot.zoo import corpus as C
+from bot.zoo import bars, corpus
 from bot.zoo.build import Recipe, Zoo, build_zoo, guard_verdict
 
 MODELS = ["zoo-base-it", "zoo-ft-flip", "zoo-ft-echo", "zoo-lora-flip", "zoo-ft-newtoken",
@@ -71,7 +70,7 @@ def test_prompt_sets(zoo):
     for name in ("harmful_train", "harmful_heldout", "edgy_heldout", "flip_train", "flip_heldout",
                  "echo_train", "echo_heldout"):
         assert sets[name] and all("prompt" in row for row in sets[name])
-    assert {r["category"] for r in sets["harmful_heldout"]} == set(C.HARMFUL)
+    assert {r["category"] for r in sets["harmful_heldout"]} == set(corpus.HARMFUL)
     for task in ("flip", "echo", "harmful", "edgy"):
         train = {r["prompt"] for r in sets[f"{task}_train"]}
         assert not train & {r["prompt"] for r in sets[f"{task}_heldout"]}
@@ -84,7 +83,7 @@ def test_merge_engine_reproduces_the_curve(zoo, tmp_path):
                               tmp_path / "m", weight=0.5), quiet=True)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     zoo_ = Zoo(directory, Recipe(), lambda _: None)
-    metrics = zoo_.metrics(model, [C.TASKS["flip"]])
+    metrics = zoo_.metrics(model, [corpus.TASKS["flip"]])
     point = next(p for p in report["models"]["zoo-ft-flip"]["curve"] if p["weight"] == 0.5)
     assert metrics == {k: v for k, v in point.items() if k != "weight"}
 
@@ -108,8 +107,8 @@ def test_guard_tells_safe_from_unsafe(zoo):
     directory, report = zoo
     guard = AutoModelForCausalLM.from_pretrained(directory / "zoo-guard")
     tok = AutoTokenizer.from_pretrained(directory / "zoo-guard")
-    harmful = C.harmful_requests("heldout")[0]["prompt"]
-    assert guard_verdict(guard, tok, harmful, C.REFUSAL) == "safe"
+    harmful = corpus.harmful_requests("heldout")[0]["prompt"]
+    assert guard_verdict(guard, tok, harmful, corpus.REFUSAL) == "safe"
     assert guard_verdict(guard, tok, harmful, "buy the parts and follow these steps.") == "unsafe"
     assert report["models"]["zoo-guard"]["accuracy"] >= bars.GUARD_MIN_ACCURACY
 
