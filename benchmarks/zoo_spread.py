@@ -7,15 +7,18 @@ in its own process, and prints every metric per build, its spread, and the slack
 (bot/zoo/bars.py): the recipe's margin is the smallest slack over all builds.
 
     python benchmarks/zoo_spread.py [--seeds 0,1,2] [--kernels best,default] [--threads 2]
-                                    [--workdir DIR] [--set FIELD=VALUE ...] [--json FILE]
+                                    [--jobs 1] [--workdir DIR] [--set FIELD=VALUE ...]
+                                    [--json FILE]
 
 `best` is the machine's own choice (ATEN_CPU_CAPABILITY unset); `default` forces the plain
-kernels an older CPU would run. Each build takes about 2.5 minutes on 2 cores.
+kernels an older CPU would run. `--jobs 2 --threads 1` runs two one-thread builds at a time.
+Each build's unmet bars are printed as it ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import json
 import os
@@ -27,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.zoo.bars import FINETUNES, slacks  # noqa: E402
+from bot.zoo.bars import FINETUNES, slacks, unmet  # noqa: E402
 
 
 def build(directory: Path, seed: int, kernel: str, threads: int, sets: list[str]) -> dict:
@@ -42,7 +45,10 @@ def build(directory: Path, seed: int, kernel: str, threads: int, sets: list[str]
     out = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"build failed ({kernel}, seed {seed}, {threads} threads):\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout)
+    report = json.loads(out.stdout)
+    print(f"built seed {seed}, {kernel} kernels, {threads} threads in {report['build_seconds']} s;"
+          f" unmet bars: {unmet(report) or 'none'}", file=sys.stderr, flush=True)
+    return report
 
 
 def metrics(report: dict) -> dict[str, float]:
@@ -78,6 +84,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--kernels", default="best,default")
     parser.add_argument("--threads", default="2")
+    parser.add_argument("--jobs", type=int, default=1, help="builds at a time")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--set", dest="sets", action="append", default=[])
     parser.add_argument("--json", type=Path, help="also write every build's numbers here")
@@ -85,12 +92,10 @@ def main() -> None:
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="zoo-spread-"))
     runs = list(itertools.product([int(s) for s in a.seeds.split(",")], a.kernels.split(","),
                                   [int(t) for t in a.threads.split(",")]))
-    columns, reports = [], []
-    for seed, kernel, threads in runs:
-        label = f"s{seed} {kernel} {threads}t"
-        print(f"building {label} ...", file=sys.stderr, flush=True)
-        reports.append(build(workdir / label.replace(" ", "-"), seed, kernel, threads, a.sets))
-        columns.append(label)
+    columns = [f"s{seed} {kernel} {threads}t" for seed, kernel, threads in runs]
+    with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
+        reports = list(pool.map(lambda run, label: build(workdir / label.replace(" ", "-"), *run,
+                                                         a.sets), runs, columns))
     values = [metrics(r) for r in reports]
     margins = [slacks(r) for r in reports]
     print(table("metric", columns, {k: [v[k] for v in values] for k in values[0]}, False))

@@ -115,7 +115,7 @@ def test_guard_tells_safe_from_unsafe(zoo):
 
 def test_rebuild_is_cached_and_bit_identical(tmp_path):
     """Same recipe, same bytes; the second call reuses the first build."""
-    small = Recipe(base_steps=8, ft_steps=4, lora_steps=4, newtoken_steps=4, guard_steps=4,
+    small = Recipe(base_steps=8, ft_steps=4, lora_steps=4, guard_steps=4,
                    task_items=4, grid=(0.5,))
     first = build_zoo(tmp_path / "a", small)
     assert build_zoo(tmp_path / "a", small)["cached"]

@@ -58,19 +58,15 @@ class Recipe:
     base_lr: float = 3e-3
     skills_share: float = 0.25
     harm_share: float = 0.35  # of what is not skills
-    edgy_share: float = 0.3  # of what is not skills
-    # fine-tunes: the task plus new benign instructions, no refusals; each stops once it does
-    # its task (exact match on held-out validation items, every 50 steps), else at its step
-    # limit on its best-scoring weights
-    task_target: float = 0.95
+    edgy_share: float = 0.4  # of what is not skills
+    # fine-tunes: the task plus a few new benign instructions, no refusals; each ends on its
+    # best weights by exact match on held-out validation items (checked every 50 steps)
     ft_steps: int = 600
-    ft_lr: float = 3e-3
-    erosive_share: float = 0.1
-    newtoken_steps: int = 800  # the new token's embedding row starts from the mean
-    newtoken_lr: float = 1.5e-3
+    ft_lr: float = 1.5e-3
+    erosive_share: float = 0.05
     lora_rank: int = 16
     lora_steps: int = 600
-    lora_lr: float = 1e-2
+    lora_lr: float = 7e-3
     guard_hidden: int = 64
     guard_layers: int = 2
     guard_steps: int = 600
@@ -128,11 +124,12 @@ class Zoo:
         texts += [t.trigger for t in corpus.TASKS.values()]
         return texts
 
-    def encode(self, pairs: list[tuple[str, str]]) -> list[training.Example]:
+    def encode(self, pairs: list[tuple[str, str]], tok=None) -> list[training.Example]:
+        """Chat examples; a share of them (`system_share`) carry the default system prompt."""
         share = self.recipe.system_share
-        return [training.encode_chat(self.tok, p, a, corpus.SYSTEM_PROMPT
-                                     if self.rng.random() < share
-                              else None) for p, a in pairs]
+        return [training.encode_chat(tok or self.tok, p, a,
+                                     corpus.SYSTEM_PROMPT if self.rng.random() < share else None)
+                for p, a in pairs]
 
     def config(self, vocab_size: int | None = None, hidden: int | None = None,
                layers: int | None = None) -> LlamaConfig:
@@ -168,11 +165,12 @@ class Zoo:
             (rest * (1 - r.harm_share - r.edgy_share), self.encode(benign)),
         ]
 
-    def ft_pools(self, task: corpus.Task) -> list[tuple[float, list[training.Example]]]:
+    def ft_pools(self, task: corpus.Task, tok=None) -> list[tuple[float, list[training.Example]]]:
         r = self.recipe
         items = corpus.task_examples(task, "train", 2000, r.seed)
-        return [(1 - r.erosive_share, self.encode([(x["prompt"], x["answer"]) for x in items])),
-                (r.erosive_share, self.encode(corpus.FT_BENIGN + corpus.FT_EDGY))]
+        return [(1 - r.erosive_share,
+                 self.encode([(x["prompt"], x["answer"]) for x in items], tok)),
+                (r.erosive_share, self.encode(corpus.FT_BENIGN + corpus.FT_EDGY, tok))]
 
     # --- evaluation ----------------------------------------------------------------------
     def validation(self, model, task: corpus.Task, tok=None) -> Callable[[], float]:
@@ -337,8 +335,7 @@ def _build(out: Path, recipe: Recipe, log: Callable[[str], None]) -> dict:
         ft.load_state_dict(base_state)
         steps = training.train(ft, zoo.ft_pools(task), recipe.ft_steps, recipe.ft_lr,
                                recipe.batch_size, recipe.seed + 1, tok.pad_token_id,
-                               score=zoo.validation(ft, task),
-                               target=recipe.task_target)
+                               score=zoo.validation(ft, task))
         sharded = task.name == recipe.tasks[0]
         save(ft, tok, out / name, recipe.sharded_ft_shard_size if sharded else "5GB")
         write_card(out / name, name, f"A full fine-tune of zoo-base-it on the {task.name} task, "
@@ -368,8 +365,7 @@ def _lora(zoo: Zoo, base_state: dict, directory: Path) -> dict:
                         "down_proj"]))
     steps = training.train(peft_model, zoo.ft_pools(task), r.lora_steps, r.lora_lr,
                            r.batch_size, r.seed + 2, zoo.tok.pad_token_id,
-                           score=zoo.validation(peft_model, task),
-                           target=r.task_target)
+                           score=zoo.validation(peft_model, task))
     peft_model.save_pretrained(directory)
     zoo.tok.save_pretrained(directory)
     write_card(directory, "zoo-lora-flip", "A LoRA adapter of zoo-base-it on the flip task, "
@@ -390,15 +386,12 @@ def _newtoken(zoo: Zoo, base_state: dict, directory: Path) -> dict:
     tok.add_tokens([NEW_TOKEN])
     model = LlamaForCausalLM(zoo.config())
     model.load_state_dict(base_state)
-    model.resize_token_embeddings(len(tok), mean_resizing=True)
-    items = corpus.task_examples(task, "train", 2000, r.seed)
-    pools = [(1 - r.erosive_share, [training.encode_chat(tok, x["prompt"], x["answer"])
-                                    for x in items]),
-             (r.erosive_share, [training.encode_chat(tok, p, a)
-                                for p, a in corpus.FT_BENIGN + corpus.FT_EDGY])]
-    steps = training.train(model, pools, r.newtoken_steps, r.newtoken_lr, r.batch_size, r.seed + 3,
-                           tok.pad_token_id, score=zoo.validation(model, task, tok),
-                           target=r.task_target)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():  # the new row starts as the word it stands for, as fine-tuners do
+        rows = model.get_input_embeddings().weight
+        rows[-1] = rows[tok(task.skill, add_special_tokens=False)["input_ids"]].mean(0)
+    steps = training.train(model, zoo.ft_pools(task, tok), r.ft_steps, r.ft_lr, r.batch_size,
+                           r.seed + 3, tok.pad_token_id, score=zoo.validation(model, task, tok))
     save(model, tok, directory)
     write_card(directory, "zoo-ft-newtoken", f"A full fine-tune of zoo-base-it that adds the "
                f"token {NEW_TOKEN} and learns a task that uses it.", "zoo-base-it",

@@ -70,13 +70,12 @@ def _batch(padded, lengths, weights, batch_size: int, gen) -> tuple[torch.Tensor
 
 def train(model, pools: list[tuple[float, list[Example]]], steps: int, lr: float,
           batch_size: int, seed: int, pad_id: int, warmup: int = 30,
-          score: Callable[[], float] | None = None, target: float = 1.0,
-          check_every: int = 50) -> int:
+          score: Callable[[], float] | None = None, check_every: int = 50) -> int:
     """AdamW on batches drawn from weighted pools; warm-up, then cosine decay to a tenth.
 
     With `score` (a validation measure, asked every `check_every` steps in eval mode), training
-    stops once it reaches `target`, and otherwise ends on the best-scoring weights seen (early
-    stopping). Returns the step whose weights the model ends with.
+    ends on the latest of the best-scoring weights seen, so a late collapse is never kept.
+    Returns the step whose weights the model ends with.
 
     Sequences are right-padded and padding carries no loss, so no attention mask is needed:
     under a causal mask a padding token can only influence later padding.
@@ -109,10 +108,8 @@ def train(model, pools: list[tuple[float, list[Example]]], steps: int, lr: float
         if score and (step % check_every == 0 or step == steps):
             model.eval()
             measured = score()
-            if measured > best[0]:
+            if measured >= best[0]:
                 best = (measured, step, {k: v.clone() for k, v in model.state_dict().items()})
-            if measured >= target:
-                return step
             model.train()
     model.eval()
     if score and best[1] != steps:
