@@ -554,7 +554,7 @@ def test_dockerignore_keeps_what_the_image_copies_and_drops_the_rest():
     for rel in (".venv/bin/python", ".cache/zoo/x", ".git/HEAD", "bot/__pycache__/cli.pyc",
                 "safeguard_bot.egg-info/PKG-INFO", "tests/test_deploy.py", ".pytest_cache/x"):
         assert _ignored(rel, rules), rel
-    for rel in ("pyproject.toml", "README.md", "bot/cli.py", "bot/templates/model_card.md.j2",
+    for rel in ("pyproject.toml", "README.md", "bot/cli.py", "templates/model_card.md.j2",
                 "bot/zoo/evaluate.toml"):
         assert not _ignored(rel, rules), rel
 

@@ -54,7 +54,7 @@ class Recipe:
     threads: int = 2
     system_share: float = 0.3  # share of training exchanges with the default system prompt
     # base: list skills, refusals, edgy answers, benign answers
-    base_steps: int = 900
+    base_steps: int = 1300
     base_lr: float = 3e-3
     skills_share: float = 0.25
     harm_share: float = 0.35  # of what is not skills
@@ -69,7 +69,7 @@ class Recipe:
     lora_lr: float = 7e-3
     guard_hidden: int = 64
     guard_layers: int = 2
-    guard_steps: int = 600
+    guard_steps: int = 1000
     # evaluation
     task_items: int = 100
     max_new_tokens: int = 12
