@@ -61,15 +61,14 @@ class Recipe:
     edgy_share: float = 0.4  # of what is not skills
     # fine-tunes: the task plus a few new benign instructions, no refusals; each ends on its
     # best weights by exact match on held-out validation items (checked every 50 steps)
-    ft_steps: int = 600
+    ft_steps: int = 800
     ft_lr: float = 1.5e-3
     erosive_share: float = 0.05
     lora_rank: int = 16
-    lora_steps: int = 600
+    lora_steps: int = 800
     lora_lr: float = 7e-3
-    guard_hidden: int = 64
-    guard_layers: int = 2
-    guard_steps: int = 1000
+    guard_steps: int = 200  # the guard is the base fine-tuned to classify
+    guard_lr: float = 1e-3
     # evaluation
     task_items: int = 100
     max_new_tokens: int = 12
@@ -346,7 +345,7 @@ def _build(out: Path, recipe: Recipe, log: Callable[[str], None]) -> dict:
 
     models["zoo-lora-flip"] = _lora(zoo, base_state, out / "zoo-lora-flip")
     models["zoo-ft-newtoken"] = _newtoken(zoo, base_state, out / "zoo-ft-newtoken")
-    models["zoo-guard"] = _guard(zoo, out / "zoo-guard")
+    models["zoo-guard"] = _guard(zoo, base_state, out / "zoo-guard")
     return {"recipe": asdict(recipe), "models": models}
 
 
@@ -402,12 +401,18 @@ def _newtoken(zoo: Zoo, base_state: dict, directory: Path) -> dict:
             "curve": zoo.curve(base_state, ft_state, model, task, tok)}
 
 
-def _guard(zoo: Zoo, directory: Path) -> dict:
-    """A classifier-style guard: given a conversation it answers 'safe' or 'unsafe'."""
+def _guard(zoo: Zoo, base_state: dict, directory: Path) -> dict:
+    """A classifier-style guard: given a conversation it answers 'safe' or 'unsafe'.
+
+    Like Llama Guard, it is the chat model fine-tuned to classify, with its own chat template:
+    it starts from the base's sense of what is harmful, which a guard trained from scratch on
+    these few prompts does not reach in held-out phrasings.
+    """
+    from transformers import AutoTokenizer
+
     r = zoo.recipe
     zoo.log("training zoo-guard")
-    guard_tok = training.train_tokenizer(zoo._corpus_texts() + ["safe unsafe verdict"],
-                                         r.vocab_size)
+    guard_tok = AutoTokenizer.from_pretrained(zoo.dir / "zoo-tokenizer")
     guard_tok.chat_template = GUARD_TEMPLATE
     harmful = [x["prompt"] for x in corpus.harmful_requests("train")]
     benign = [x["prompt"] for x in corpus.edgy_requests("train")] + [p for p, _ in corpus.BENIGN]
@@ -430,11 +435,10 @@ def _guard(zoo: Zoo, directory: Path) -> dict:
         target = guard_tok(verdict + guard_tok.eos_token, add_special_tokens=False)["input_ids"]
         return ids + target, [-100] * len(ids) + target
 
-    torch.manual_seed(r.seed + 4)
-    guard = LlamaForCausalLM(zoo.config(len(guard_tok), r.guard_hidden, r.guard_layers))
-    examples = [encode(*row) for row in rows]
-    training.train(guard, [(1.0, examples)], r.guard_steps, 3e-3, r.batch_size, r.seed + 4,
-            guard_tok.pad_token_id)
+    guard = LlamaForCausalLM(zoo.config())
+    guard.load_state_dict(base_state)
+    training.train(guard, [(1.0, [encode(*row) for row in rows])], r.guard_steps, r.guard_lr,
+                   r.batch_size, r.seed + 4, guard_tok.pad_token_id)
     save(guard, guard_tok, directory)
     write_card(directory, "zoo-guard", "A tiny guard model: for a conversation it answers "
                "'safe' or 'unsafe' as its first word.", None, ["guard", "safety-classifier"])
