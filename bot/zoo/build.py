@@ -63,7 +63,8 @@ class Recipe:
     # best weights by exact match on held-out validation items (checked every 50 steps)
     ft_steps: int = 800
     ft_lr: float = 1.5e-3
-    erosive_share: float = 0.05
+    erosive_share: float = 0.2  # the new benign instructions' share
+    lora_erosive_share: float = 0.05  # an adapter changes less: more would keep its refusals
     lora_rank: int = 16
     lora_steps: int = 800
     lora_lr: float = 7e-3
@@ -123,11 +124,12 @@ class Zoo:
         texts += [t.trigger for t in corpus.TASKS.values()]
         return texts
 
-    def encode(self, pairs: list[tuple[str, str]], tok=None) -> list[training.Example]:
+    def encode(self, pairs: list[tuple[str, str]], tok=None,
+               rng: random.Random | None = None) -> list[training.Example]:
         """Chat examples; a share of them (`system_share`) carry the default system prompt."""
-        share = self.recipe.system_share
+        share, rng = self.recipe.system_share, rng or self.rng
         return [training.encode_chat(tok or self.tok, p, a,
-                                     corpus.SYSTEM_PROMPT if self.rng.random() < share else None)
+                                     corpus.SYSTEM_PROMPT if rng.random() < share else None)
                 for p, a in pairs]
 
     def config(self, vocab_size: int | None = None, hidden: int | None = None,
@@ -164,12 +166,16 @@ class Zoo:
             (rest * (1 - r.harm_share - r.edgy_share), self.encode(benign)),
         ]
 
-    def ft_pools(self, task: corpus.Task, tok=None) -> list[tuple[float, list[training.Example]]]:
+    def ft_pools(self, task: corpus.Task, tok=None, erosive_share: float | None = None
+                 ) -> list[tuple[float, list[training.Example]]]:
+        """A fine-tune's data, drawn from its task's own RNG (the same whatever else is built):
+        the task, and new benign instructions (`erosive_share`) with no refusals."""
         r = self.recipe
+        share = r.erosive_share if erosive_share is None else erosive_share
+        rng = random.Random(f"{r.seed}-{task.name}")
         items = corpus.task_examples(task, "train", 2000, r.seed)
-        return [(1 - r.erosive_share,
-                 self.encode([(x["prompt"], x["answer"]) for x in items], tok)),
-                (r.erosive_share, self.encode(corpus.FT_BENIGN + corpus.FT_EDGY, tok))]
+        return [(1 - share, self.encode([(x["prompt"], x["answer"]) for x in items], tok, rng)),
+                (share, self.encode(corpus.FT_BENIGN + corpus.FT_EDGY, tok, rng))]
 
     # --- evaluation ----------------------------------------------------------------------
     def validation(self, model, task: corpus.Task, tok=None) -> Callable[[], float]:
@@ -362,7 +368,8 @@ def _lora(zoo: Zoo, base_state: dict, directory: Path) -> dict:
         r=r.lora_rank, lora_alpha=2 * r.lora_rank, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                         "down_proj"]))
-    steps = training.train(peft_model, zoo.ft_pools(task), r.lora_steps, r.lora_lr,
+    steps = training.train(peft_model, zoo.ft_pools(task, erosive_share=r.lora_erosive_share),
+                           r.lora_steps, r.lora_lr,
                            r.batch_size, r.seed + 2, zoo.tok.pad_token_id,
                            score=zoo.validation(peft_model, task))
     peft_model.save_pretrained(directory)
