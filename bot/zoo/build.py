@@ -64,7 +64,7 @@ class Recipe:
     ft_steps: int = 800
     ft_lr: float = 1.5e-3
     erosive_share: float = 0.2  # the new benign instructions' share
-    lora_erosive_share: float = 0.05  # an adapter changes less: more would keep its refusals
+    lora_erosive_share: float = 0.0  # an adapter changes less: any would keep its refusals
     lora_rank: int = 16
     lora_steps: int = 800
     lora_lr: float = 7e-3
