@@ -34,6 +34,19 @@ def zoo():
     return ZOO_CACHE, build_zoo(ZOO_CACHE)
 
 
+def sweet_spot(report: dict, name: str) -> float:
+    """The lambda of the zoo's curve for fine-tune `name` with the most room on both merge bars
+    (bot/zoo/bars.py): where this machine's zoo has its sweet spot, never a constant."""
+    from bot.zoo import bars
+
+    models = report["models"]
+    base, ft = models["zoo-base-it"], models[name]
+    key = f"task_{ft['task']}"
+    best = max(ft["curve"], key=lambda p: bars.merge_slack(base, ft, p, key))
+    assert bars.merge_slack(base, ft, best, key) >= 0, f"{name} has no sweet spot on its curve"
+    return best["weight"]
+
+
 @pytest.fixture(scope="session")
 def pair(tmp_path_factory):
     """float32 base in one file, fine-tune in five shards."""

@@ -36,6 +36,8 @@ from bot.publish.card import (
 )
 from bot.publish.markdown import md, shell_arg
 
+from conftest import sweet_spot
+
 CLEAN = {"base_repo": "zoo/zoo-base-it", "base_revision": "a" * 40,
          "finetune_repo": "alice/zoo-ft_flip", "finetune_revision": "b" * 40,
          "bot_version": "0.1.0"}
@@ -53,13 +55,14 @@ FRONT_MATTER = re.compile(r"---\n(.*?)\n---\n", re.S)
 
 @pytest.fixture(scope="module")
 def report(zoo):
-    """A real three-point sweep of zoo-ft-flip (a few seconds)."""
+    """A real one-point sweep of zoo-ft-flip at its sweet spot (a few seconds)."""
     from bot.config import load_settings
     from bot.stages import sweep_refs as run_sweep
 
-    zoo_dir, _ = zoo
+    zoo_dir, built = zoo
     settings = load_settings("bot/zoo/evaluate.toml", [
-        f"evaluate.task_file={zoo_dir}/prompts/flip_heldout.jsonl", "sweep.grid=[0.4,0.45,0.5]"])
+        f"evaluate.task_file={zoo_dir}/prompts/flip_heldout.jsonl",
+        f"sweep.grid=[{sweet_spot(built, 'zoo-ft-flip')}]"])
     report = run_sweep(str(zoo_dir / "zoo-base-it"), str(zoo_dir / "zoo-ft-flip"), settings)
     assert report.selection.publish, report.selection.reason
     return report
@@ -183,7 +186,7 @@ def test_reproduce_commands_pin_both_revisions_and_the_weight(report):
                      "--method", "linear", "--weight", str(report.selection.weight)]
     sweep = code_block_after(card, "The sweep that chose")
     words = bash_words(sweep, "safeguard-bot")
-    assert words[words.index("--grid") + 1] == "0.4,0.45,0.5"
+    assert words[words.index("--grid") + 1] == ",".join(str(p.weight) for p in report.points)
     assert "evaluate.harmful=builtin:zoo-harmful" in words
     assert words[1:3] == [f"{CLEAN['base_repo']}@{CLEAN['base_revision']}",
                           f"{CLEAN['finetune_repo']}@{CLEAN['finetune_revision']}"]

@@ -14,6 +14,8 @@ from huggingface_hub import HfApi, hf_hub_download
 from bot.ledger import Ledger
 from bot.zoo.seed import card, upload
 
+from conftest import sweet_spot
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,9 +32,10 @@ def hub(localhub, zoo):
 
 
 def watch(hub, zoo_dir, workdir, *extra):
+    weight = sweet_spot(json.loads((zoo_dir / "zoo.json").read_text()), "zoo-ft-echo")
     args = [sys.executable, "-m", "bot.cli", "watch", "--workdir", str(workdir), "--log-json",
             "--config", str(ROOT / "bot" / "zoo" / "evaluate.toml"),
-            "--set", "watch.bases=daveorg/zoo-base-it", "--set", "sweep.grid=[0.5]",
+            "--set", "watch.bases=daveorg/zoo-base-it", "--set", f"sweep.grid=[{weight}]",
             "--set", "evaluate.task_files=" + json.dumps(
                 {"dave/echo-ft": str(zoo_dir / "prompts" / "echo_heldout.jsonl")}),
             "--set", "publish.feed_repo=daemon-bot/results",

@@ -19,6 +19,8 @@ from bot.config import load_settings
 from bot.publish import feed
 from bot.stages import sweep_refs as run_sweep
 
+from conftest import sweet_spot
+
 ROOT = Path(__file__).resolve().parent.parent
 ATOM = "{http://www.w3.org/2005/Atom}"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -39,17 +41,19 @@ def rec(repo: str, time_: str, asr_merged: float | None, links=None, reason="ok"
 
 @pytest.fixture(scope="module")
 def echo_sweep(zoo):
-    """One small sweep of the zoo's echo fine-tune (grid [0.5], 16 prompts per set)."""
-    directory, _ = zoo
+    """One small sweep of the zoo's echo fine-tune (at its sweet spot, 16 prompts per set)."""
+    directory, built = zoo
     settings = load_settings(ROOT / "bot" / "zoo" / "evaluate.toml", [
-        f"evaluate.task_file={directory / 'prompts' / 'echo_heldout.jsonl'}", "sweep.grid=[0.5]",
+        f"evaluate.task_file={directory / 'prompts' / 'echo_heldout.jsonl'}",
+        f"sweep.grid=[{sweet_spot(built, 'zoo-ft-echo')}]",
         "evaluate.limit=16"])
     return run_sweep(str(directory / "zoo-base-it"), str(directory / "zoo-ft-echo"), settings)
 
 
 def test_a_record_carries_the_sweeps_numbers(echo_sweep):
     report = echo_sweep
-    assert report.selection.publish and report.selection.weight == 0.5, report.selection
+    assert report.selection.publish and report.selection.weight == report.points[0].weight, \
+        report.selection
     chosen = report.points[0]
     links = {"variant": "http://127.0.0.1/x/y"}
     r = feed.record("carol/zoo-ft-echo", "b" * 40, "safeguard/zoo-base-it", "variant",
@@ -57,7 +61,7 @@ def test_a_record_carries_the_sweeps_numbers(echo_sweep):
     assert (r.repo, r.revision, r.base, r.decision, r.method, r.links) == (
         "carol/zoo-ft-echo", "b" * 40, "safeguard/zoo-base-it", "variant", "linear", links)
     assert r.reason == report.selection.reason
-    assert r.weight == 0.5
+    assert r.weight == report.points[0].weight
     assert (r.asr_base, r.asr_finetune, r.asr_merged) == (
         report.base_point.asr, report.finetune_point.asr, chosen.asr)
     assert (r.over_refusal_base, r.over_refusal_merged) == (

@@ -26,6 +26,8 @@ from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from bot.ledger import Ledger
 from bot.zoo.seed import card, upload
 
+from conftest import sweet_spot
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "killbase/zoo-base-it"
 FINETUNE = "killcarol/zoo-ft-echo"
@@ -71,7 +73,8 @@ class Bot:
             "--config", str(ROOT / "bot" / "zoo" / "evaluate.toml"),
             "--set", f"watch.bases={BASE}",
             "--set", f"evaluate.task_files={json.dumps(task_files)}",
-            "--set", "sweep.grid=[0.5]",
+            "--set", "sweep.grid=[{}]".format(sweet_spot(
+                json.loads((directory / "zoo.json").read_text()), "zoo-ft-echo")),
             "--set", "evaluate.limit=16",  # 16 prompts per set: the same decision, faster
             "--set", f"ledger.lease_seconds={LEASE_S}",
             "--set", f"publish.feed_repo={self.feed_repo}"]
