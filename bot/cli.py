@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -250,14 +252,22 @@ def hub_serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     users: Annotated[list[str] | None, typer.Option(
         "--user", help="Add a user: NAME:TOKEN[:ORG1,ORG2] (repeatable).")] = None,
+    faults: Annotated[list[str] | None, typer.Option(
+        "--fault", help="Misbehave on purpose (repeatable; the first that fires wins): one of "
+        "status=CODE, hang=SECONDS or drop, plus path=REGEX, method=GET, first=N, "
+        "probability=P, seed=S, reset=SECONDS (429), comma-separated; e.g. "
+        "status=429,path=^/api/models,first=3,reset=2.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Serve DIR as a Hub API (HF_ENDPOINT=URL; uploads need HF_HUB_DISABLE_XET=1) until Ctrl-C."""
     from bot.errors import UsageError
-    from bot.localhub import LocalHub
+    from bot.localhub import Fault, LocalHub
 
     with _local_hub_errors():
+        parsed = [Fault.parse(spec) for spec in faults or []]  # before touching DIR
         hub = LocalHub(directory)
+        for fault in parsed:
+            hub.add_fault(fault)
         for spec in users or []:
             name, _, rest = spec.partition(":")
             token, _, orgs = rest.partition(":")
@@ -268,6 +278,8 @@ def hub_serve(
     if as_json:
         print(json.dumps({"url": hub.url, "directory": str(directory)}), flush=True)
     err.print(f"local hub serving {directory} at {hub.url} (Ctrl-C stops it)", markup=False)
+    for fault in parsed:
+        err.print(f"fault: {fault}", markup=False, highlight=False)
     try:
         hub.wait()
     except KeyboardInterrupt:
@@ -330,8 +342,9 @@ def run(
     if not once:
         raise typer.BadParameter("give --once (the daemon is `safeguard-bot watch`)")
     _quiet_libraries()
-    result = run_once(load_settings(config, overrides or []), workdir, discover_only,
-                      log=_log(as_json))
+    with _stop_on_sigterm() as stopping:
+        result = run_once(load_settings(config, overrides or []), workdir, discover_only,
+                          log=_log(as_json), stop=stopping.is_set)
     _emit(result, as_json, _print_cycle)
 
 
@@ -362,14 +375,36 @@ def process(
     overrides: SetOptions = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """One candidate end to end: checks, sweep, merge, publish, feed, ledger."""
+    """One candidate end to end: checks, sweep, merge, publish, feed, ledger.
+
+    Exits 0 when the candidate was published, skipped or is another worker's; 1 when it failed;
+    75 (try again later) when it was deferred: the Hub failed for a while, the disk is short,
+    or SIGTERM released it."""
     from bot.config import load_settings
     from bot.pipeline import process_one
 
     _quiet_libraries()
-    result = process_one(ref, load_settings(config, overrides or []), workdir,
-                         log=_log(as_json))
+    with _stop_on_sigterm() as stopping:
+        result = process_one(ref, load_settings(config, overrides or []), workdir,
+                             log=_log(as_json), stop=stopping.is_set)
     _emit(result, as_json, lambda r: err.print(_outcome_line(r), markup=False))
+    if result.status in PROCESS_EXIT:
+        raise typer.Exit(PROCESS_EXIT[result.status])
+
+
+PROCESS_EXIT = {"failed": 1, "deferred": 75}  # `process`: statuses that are not success
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event set by SIGTERM for the duration: the command stops at its next step and
+    releases its candidate, instead of dying with the entry left running."""
+    stopping = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        yield stopping
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet_libraries() -> None:
@@ -420,9 +455,6 @@ def serve_webhooks(
     The secret is webhooks.secret or SAFEGUARD_WEBHOOK_SECRET (required). `run --once` or
     `watch` processes what is queued. One JSON line per request on stderr; SIGTERM stops it.
     """
-    import signal
-    import threading
-
     from bot.config import load_settings
     from bot.webhooks import WebhookServer, resolve_secret
 

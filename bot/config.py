@@ -118,8 +118,30 @@ class PublishSettings(_Section):
 
 class LedgerSettings(_Section):
     url: str | None = None  # a SQLAlchemy URL; None: ledger.sqlite in the work dir
-    max_attempts: int = Field(3, ge=1)  # a candidate that fails this often stays failed
+    max_attempts: int = Field(4, ge=1)  # a candidate that fails this often stays failed
     lease_seconds: float = Field(3600, gt=0)  # a claim older than this (a killed run) expires
+    # a failed candidate waits retry_seconds x 2^(attempt - 1) before its next claim (at most
+    # max_retry_seconds); one the Hub could not serve for a while waits the same by deferral,
+    # without using an attempt. Defaults: 10, 20, 40 min between the 4 attempts (70 min in
+    # all, longer than a one-hour outage)
+    retry_seconds: float = Field(600, ge=0)
+    max_retry_seconds: float = Field(6 * 3600, ge=0)
+
+
+class HubSettings(_Section):
+    """How the bot talks to the Hub, and what it keeps on disk."""
+
+    connect_timeout: float = Field(10.0, gt=0)  # seconds to open a connection
+    read_timeout: float = Field(60.0, gt=0)  # seconds the Hub may stay silent mid-answer
+    # a call that fails for a while (429, 5xx, a timeout) is tried this many more times, after
+    # retry_wait_seconds x 1, 2, 4... (or the Hub's RateLimit reset); then it waits for a
+    # later cycle (ledger.retry_seconds)
+    retries: int = Field(4, ge=0)
+    retry_wait_seconds: float = Field(1.0, ge=0)
+    cache_dir: str | None = None  # downloads (default: the library's cache, HF_HUB_CACHE)
+    max_file_mb: float = Field(64.0, gt=0)  # configs, tokenizers and such larger than this
+    disk_margin_gb: float = Field(2.0, ge=0)  # free disk kept beyond download + merge
+    keep_finetunes: bool = False  # keep fine-tunes in the cache after processing (bases stay)
 
 
 class DaemonSettings(_Section):
@@ -127,6 +149,9 @@ class DaemonSettings(_Section):
 
     interval_minutes: float = Field(60.0, gt=0)
     cron: str | None = None  # a crontab line ("0 */6 * * *"); overrides the interval
+    # after SIGTERM, how long the current step may take to finish before its candidate is
+    # released and the daemon exits anyway (a Hub call that hangs)
+    grace_seconds: float = Field(30.0, gt=0)
 
 
 class WebhookSettings(_Section):
@@ -145,6 +170,7 @@ class Settings(_Section):
     watch: WatchSettings = WatchSettings()
     publish: PublishSettings = PublishSettings()
     ledger: LedgerSettings = LedgerSettings()
+    hub: HubSettings = HubSettings()
     webhooks: WebhookSettings = WebhookSettings()
     daemon: DaemonSettings = DaemonSettings()
 

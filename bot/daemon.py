@@ -4,7 +4,9 @@ APScheduler runs one cycle (bot/pipeline.py run_once) at a time on the configure
 cron (`[daemon]`); a cycle still running when the next is due makes that one wait (no overlap,
 missed runs coalesced). SIGTERM or SIGINT: the current candidate is released back to the
 ledger within one evaluation step (or finished, once publishing has begun), then the daemon
-exits 0. Each cycle ends with one health line.
+exits 0; a step still running after daemon.grace_seconds (a Hub call that hangs) has its
+candidate released by the main thread, and the daemon exits anyway. Each cycle ends with one
+health line.
 """
 
 from __future__ import annotations
@@ -105,23 +107,48 @@ def watch(settings: Settings, workdir: Path, max_cycles: int | None = None,
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    idle.wait()  # a cycle that is releasing its candidate ends first
+    # a cycle that is releasing its candidate ends first, within the grace period
+    if not idle.wait(settings.daemon.grace_seconds):
+        _release_held(settings, workdir)
     log.info(f"stopped after {done['cycles']} cycle(s)", extra={"data": {"event": "stop"}})
     return done["cycles"]
+
+
+def _release_held(settings: Settings, workdir: Path) -> None:
+    """Give back what this process holds (its step did not end within the grace period); the
+    step's thread is left behind and ends with the process."""
+    from bot.ledger import default_worker
+    from bot.pipeline import open_ledger
+
+    ledger = open_ledger(settings, workdir)
+    try:
+        grace = settings.daemon.grace_seconds
+        released = ledger.release_worker(default_worker(),
+                                         f"stopped; a step still ran after {grace:g} s")
+    finally:
+        ledger.close()
+    log.warning(f"a step did not end within {settings.daemon.grace_seconds:g} s of the stop "
+                f"request: released {released} candidate(s) and stopping anyway",
+                extra={"data": {"event": "grace-expired", "released": released}})
 
 
 def health(result: CycleResult, seconds: float, number: int) -> None:
     """Log one line on how a cycle went (with its numbers as data, for --log-json)."""
     found = result.discovery
     counts = {k: result.count(k) for k in ("published", "skipped", "failed")}
+    waiting = result.count("deferred")
     log.info(f"health: cycle {number} in {seconds:.1f} s: {len(found.candidates)} new, "
              f"{len(found.skips)} skipped at discovery, {found.already_seen} seen, "
-             f"{found.deferred} deferred; processed {len(result.processed)} (published "
-             f"{counts['published']}, not published {counts['skipped']}, failed "
-             f"{counts['failed']})" + ("; stopped" if result.stopped else ""),
+             f"{found.deferred} deferred, {len(found.later)} to judge later, "
+             f"{len(found.errors)} listing error(s); processed {len(result.processed)} "
+             f"(published {counts['published']}, not published {counts['skipped']}, failed "
+             f"{counts['failed']}, waiting to try again {waiting})"
+             + ("; stopped" if result.stopped else ""),
              extra={"data": {"event": "health", "cycle": number, "seconds": round(seconds, 3),
                              "new": len(found.candidates), "skips": len(found.skips),
-                             "deferred": found.deferred, **counts}})
+                             "deferred": found.deferred, "later": len(found.later),
+                             "listing_errors": len(found.errors), "waiting": waiting,
+                             **counts}})
 
 
 def _now():

@@ -3,21 +3,26 @@
 For each watched base and relation (finetune, adapter), the newest repos that declare the base
 (`base_model:<relation>:<base>` tags, which the Hub derives from model cards) are examined once
 per revision. A repo that cannot or should not be merged is a Skip with a reason a person
-understands; nothing here raises for a bad repo. Card text is never trusted: only the Hub's
-derived tags, the file list and the JSON configs are read.
+understands. One the bot could not judge now (the Hub failed for a while, or examining it
+raised) is a Later: queued with a retry time, never a skip. Nothing here raises for one repo,
+and a base whose listing fails is an error line, not the end of the cycle. Card text is never
+trusted: only the Hub's derived tags, the file list and the JSON configs are read.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from bot import hub
 from bot.config import Settings
-from bot.errors import HubError, InputNotFoundError
+from bot.errors import SafeguardError
 from bot.merge.compat import PICKLE_SUFFIXES, architecture_mismatch
 from bot.results import FieldsAsJson
+
+log = logging.getLogger("safeguard")
 
 QUANTIZED_FILES = (".gguf", ".ggml")
 
@@ -53,16 +58,37 @@ class Skip(FieldsAsJson):
 
 
 @dataclass(frozen=True)
+class Later(FieldsAsJson):
+    """A repo at a revision that could not be judged now (the Hub failed for a while, or
+    examining it raised): queued with a retry time, judged again when it is claimed."""
+
+    repo: str
+    revision: str
+    base: str
+    kind: Kind
+    reason: str
+
+
+@dataclass(frozen=True)
 class Discovery:
     candidates: list[Candidate]
     skips: list[Skip]
     already_seen: int  # repos at a revision the ledger knows
     deferred: int  # new candidates past the cycle's limit (found again next cycle)
+    later: list[Later] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # listings that failed (tried next cycle)
 
     def to_dict(self) -> dict:
         return {"candidates": [c.to_dict() for c in self.candidates],
                 "skips": [s.to_dict() for s in self.skips],
-                "already_seen": self.already_seen, "deferred": self.deferred}
+                "already_seen": self.already_seen, "deferred": self.deferred,
+                "later": [x.to_dict() for x in self.later], "errors": self.errors}
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: the bot's own message, else its type and first line."""
+    text = str(e).splitlines()[0] if str(e).strip() else ""
+    return text if isinstance(e, SafeguardError) else f"{type(e).__name__}: {text}".rstrip(": ")
 
 
 def discover(settings: Settings,
@@ -72,11 +98,18 @@ def discover(settings: Settings,
     w = settings.watch
     candidates: list[Candidate] = []
     skips: list[Skip] = []
+    later: list[Later] = []
+    errors: list[str] = []
     already, deferred, examined = 0, 0, set()
     base_configs: dict[str, dict | None] = {}
     for base in w.bases:
         for relation in w.relations:
-            for info in hub.list_finetunes(base, relation, w.scan_per_base):
+            try:
+                listing = hub.list_finetunes(base, relation, w.scan_per_base)
+            except SafeguardError as e:  # this base waits for the next cycle; others go on
+                errors.append(f"listing {relation}s of {base}: {e}")
+                continue
+            for info in listing:
                 sha = info.sha or ""
                 if (info.id, sha) in examined:
                     continue
@@ -87,9 +120,16 @@ def discover(settings: Settings,
                 if len(candidates) >= w.max_candidates:
                     deferred += 1
                     continue
-                if base not in base_configs:
-                    base_configs[base] = _base_config(base)
-                found = examine(info, base, relation, base_configs[base], settings)
+                try:
+                    if base not in base_configs:
+                        base_configs[base] = _base_config(base)
+                    found = examine(info, base, relation, base_configs[base], settings)
+                except Exception as e:  # noqa: BLE001 - one repo never stops the cycle
+                    if not getattr(e, "transient", False):
+                        log.warning(f"examining {info.id}@{sha[:8]} failed", exc_info=True)
+                    kind = "adapter" if relation == "adapter" else "model"
+                    later.append(Later(info.id, sha, base, kind, one_line(e)))
+                    continue
                 if isinstance(found, Skip):
                     skips.append(found)
                 elif sum(c.size_bytes for c in candidates) + found.size_bytes \
@@ -97,13 +137,21 @@ def discover(settings: Settings,
                     deferred += 1  # this cycle's byte budget is spent; found again next time
                 else:
                     candidates.append(found)
-    return Discovery(candidates, skips, already, deferred)
+    return Discovery(candidates, skips, already, deferred, later, errors)
+
+
+def _definitive(e: SafeguardError) -> SafeguardError:
+    """`e` if it is an answer about the repo; a transient failure is raised instead."""
+    if e.transient:
+        raise e
+    return e
 
 
 def _base_config(base: str) -> dict | None:
     try:
         return hub.read_json(base, "config.json")
-    except (HubError, InputNotFoundError):
+    except SafeguardError as e:
+        _definitive(e)
         return None
 
 
@@ -121,8 +169,8 @@ def examine(info, base: str, relation: str, base_config: dict | None,
         return skip("gated, and this token has no access")
     try:
         detail = detail or hub.model_info(repo, revision=info.sha)
-    except (HubError, InputNotFoundError) as e:
-        return skip(f"could not read the repo: {e}")
+    except SafeguardError as e:
+        return skip(f"could not read the repo: {_definitive(e)}")
     files = {s.rfilename: (s.size or 0) for s in detail.siblings or []}
     names = [f.lower() for f in files]
     if "adapter_config.json" in files:
@@ -144,10 +192,13 @@ def examine(info, base: str, relation: str, base_config: dict | None,
     if size > w.max_model_gb * 1e9:
         return skip(f"larger than the size limit ({size / 1e9:.1f} GB > {w.max_model_gb} GB)")
     config_name = "adapter_config.json" if kind == "adapter" else "config.json"
+    if files.get(config_name, 0) > settings.hub.max_file_mb * 1024**2:
+        return skip(f"{config_name} is {files[config_name] / 1e6:.0f} MB, larger than "
+                    f"hub.max_file_mb ({settings.hub.max_file_mb:g})")
     try:
         config = hub.read_json(repo, config_name, revision=info.sha)
-    except (HubError, InputNotFoundError) as e:
-        return skip(f"could not read {config_name}: {e}")
+    except SafeguardError as e:
+        return skip(f"could not read {config_name}: {_definitive(e)}")
     if config is None:
         return skip(f"no {config_name}")
     if kind == "model":
@@ -173,7 +224,8 @@ def _can_read(repo: str, revision: str | None) -> bool:
     try:
         hub.read_json(repo, "config.json", revision=revision)
         return True
-    except (HubError, InputNotFoundError):
+    except SafeguardError as e:
+        _definitive(e)
         return False
 
 

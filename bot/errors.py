@@ -6,9 +6,14 @@ inputs the bot cannot work with and for failures it cannot recover from.
 
 
 class SafeguardError(Exception):
-    """Base of every error the bot raises on purpose."""
+    """Base of every error the bot raises on purpose.
+
+    `transient`: worth trying again later (an outage, a rate limit, a full disk); the ledger
+    queues the candidate again with a wait instead of counting a failed attempt.
+    """
 
     exit_code = 1
+    transient = False
 
 
 class UsageError(SafeguardError):
@@ -49,6 +54,24 @@ class HubError(SafeguardError):
     """The Hub refused or failed a request (auth, missing repo or revision, network)."""
 
     exit_code = 7
+
+
+class TransientHubError(HubError):
+    """The Hub failed for a while: 429, 5xx, a timeout or a dropped connection, after the
+    retries. Never a decision about a repo."""
+
+    transient = True
+
+
+class GoneError(InputNotFoundError):
+    """A repo or revision the Hub no longer has (deleted, or private now)."""
+
+
+class DiskSpaceError(SafeguardError):
+    """Not enough free disk for a candidate's download and merge (yet)."""
+
+    exit_code = 10
+    transient = True
 
 
 class OutputExistsError(SafeguardError):

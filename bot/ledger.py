@@ -6,8 +6,12 @@ SQLite in the work dir by default; a SQLAlchemy URL for a PostgreSQL shared by s
 A claim is a compare-and-set UPDATE inside a write transaction (BEGIN IMMEDIATE on SQLite,
 SELECT ... FOR UPDATE SKIP LOCKED on PostgreSQL), so two processes never run one candidate at
 once. A claim is also a lease: an entry whose worker was killed becomes claimable again when its
-lease expires. Every claim counts an attempt; after max_attempts the entry stays failed.
-Each claim carries a fresh token, so a worker whose claim was taken over cannot write any more.
+lease expires. Every claim counts an attempt; after max_attempts the entry stays failed. A
+failed entry waits before its next claim (`retry_at`: retry_seconds x 2^(attempt - 1)); one that
+the Hub could not serve for a while is deferred: queued again with the same wait, the attempt
+not counted. Each claim carries a fresh token, so a worker whose claim was taken over cannot
+write any more. A published entry whose feed record could not be pushed keeps it
+(`feed_pending`) until a later cycle pushes it.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ table = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("claimed_at", sa.DateTime(timezone=True)),
     sa.Column("expires_at", sa.DateTime(timezone=True)),  # claim expiry; heartbeat moves it
+    sa.Column("retry_at", sa.DateTime(timezone=True)),  # not claimable before (a backoff)
+    sa.Column("deferrals", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("feed_pending", sa.Text),  # a feed record (JSON line) not yet on the Hub
     sa.CheckConstraint(f"status IN ({_status_list})", name="ledger_status"),
     sa.CheckConstraint(f"kind IN ({_kind_list})", name="ledger_kind"),
     sa.CheckConstraint("attempts >= 0", name="ledger_attempts"),
@@ -84,6 +91,9 @@ class Entry:
     updated_at: datetime | None = None
     claimed_at: datetime | None = None
     expires_at: datetime | None = None
+    retry_at: datetime | None = None
+    deferrals: int = 0
+    feed_pending: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
 
     @property
@@ -107,16 +117,22 @@ class Ledger:
         max_attempts: claims an entry gets before it stays failed.
         lease_seconds: how long a claim lasts without a heartbeat; a running entry whose lease
             has expired (its process was killed) is claimable again, counting an attempt.
+        retry_seconds: the wait after a first failure or deferral, doubled after each next one.
+        max_retry_seconds: the longest wait.
     """
 
-    def __init__(self, url: str | Path, *, max_attempts: int = 3,
-                 lease_seconds: float = 3600) -> None:
+    def __init__(self, url: str | Path, *, max_attempts: int = 4,
+                 lease_seconds: float = 3600, retry_seconds: float = 600,
+                 max_retry_seconds: float = 6 * 3600) -> None:
         if max_attempts < 1:
             raise UsageError(f"max_attempts must be at least 1, not {max_attempts}")
         if lease_seconds <= 0:
             raise UsageError(f"lease_seconds must be positive, not {lease_seconds}")
+        if retry_seconds < 0 or max_retry_seconds < 0:
+            raise UsageError("retry_seconds and max_retry_seconds cannot be negative")
         self.max_attempts = max_attempts
         self.lease = timedelta(seconds=lease_seconds)
+        self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
         self.url = _to_url(url)
         self._shown = self.url.render_as_string(hide_password=True)
         self._sqlite = self.url.get_backend_name() == "sqlite"
@@ -126,6 +142,7 @@ class Ledger:
             if not self._sqlite:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK)))
             metadata.create_all(conn)
+            _add_missing_columns(conn)
 
     def __repr__(self) -> str:
         return f"Ledger({self._shown!r})"
@@ -141,9 +158,12 @@ class Ledger:
         self.close()
 
     def enqueue(self, repo: str, revision: str, kind: str = "model",
-                base: str | None = None) -> bool:
-        """Queue (repo, revision) for processing; False, changing nothing, if already known."""
-        values = _new_row(repo, revision, kind, base, "queued", "")
+                base: str | None = None, later: str | None = None) -> bool:
+        """Queue (repo, revision) for processing; False, changing nothing, if already known.
+        With `later` (why), it is a first deferral: claimable after one retry wait."""
+        values = _new_row(repo, revision, kind, base, "queued", later or "")
+        if later is not None:
+            values.update(deferrals=1, retry_at=values["created_at"] + self._backoff(1))
         with self._tx() as conn:
             return conn.execute(self._add(values)).first() is not None
 
@@ -211,28 +231,67 @@ class Ledger:
 
     def finish(self, entry: Entry, status: str, reason: str = "",
                selection: dict[str, Any] | None = None,
-               links: dict[str, Any] | None = None) -> None:
+               links: dict[str, Any] | None = None, feed: str | None = None) -> None:
         """End a claim as published, skipped or failed (failed as in `fail`), with the
-        selection and links to record."""
+        selection and links to record; `feed`: its feed record, when it is yet to be pushed."""
         _require_one_of(status, STATUSES, "status")
         if status not in FINISHED:
             raise UsageError(f"finish takes one of {', '.join(FINISHED)}, not {status!r}")
-        if status == "failed" and entry.attempts >= self.max_attempts:
-            reason = f"gave up after {entry.attempts} attempts: {reason}"
+        if status == "failed":
+            return self.fail(entry, reason, feed)
         self._end(entry, status=status, reason=reason, selection=_json(selection),
-                  links=_json(links))
+                  links=_json(links), feed_pending=feed, retry_at=None)
 
-    def fail(self, entry: Entry, reason: str) -> None:
-        """End a claim as failed; it is claimed again until it has had max_attempts, then it
-        stays failed with reason "gave up after N attempts: REASON"."""
-        self.finish(entry, "failed", reason)
+    def fail(self, entry: Entry, reason: str, feed: str | None = None) -> None:
+        """End a claim as failed; it is claimed again, after a wait that doubles with each
+        attempt, until it has had max_attempts, then it stays failed with reason "gave up
+        after N attempts: REASON". `feed`: its feed record, to push later."""
+        if entry.attempts >= self.max_attempts:
+            reason = f"gave up after {entry.attempts} attempts: {reason}"
+        self._end(entry, status="failed", reason=reason, feed_pending=feed,
+                  retry_at=_now() + self._backoff(entry.attempts))
+
+    def defer(self, entry: Entry, reason: str) -> None:
+        """Give a claim back because the Hub (or the disk) could not serve it for now: queued
+        again after a wait that doubles with each deferral, the attempt not counted (an
+        outage is never a decision)."""
+        waits = entry.deferrals + 1
+        self._end(entry, status="queued", attempts=table.c.attempts - 1, deferrals=waits,
+                  reason=f"waiting to try again: {reason}", claimed_at=None,
+                  retry_at=_now() + self._backoff(waits))
 
     def release(self, entry: Entry, reason: str) -> None:
         """Give a claim back unfinished (e.g. on SIGTERM): queued again and its attempt not
         counted, since the candidate did not fail. (A killed process cannot release; its
         lease expires instead, and that attempt counts.)"""
         self._end(entry, status="queued", attempts=table.c.attempts - 1,
-                  reason=f"released by {entry.worker}: {reason}", claimed_at=None)
+                  reason=f"released by {entry.worker}: {reason}", claimed_at=None,
+                  retry_at=None)
+
+    def release_worker(self, worker: str, reason: str) -> int:
+        """Release every claim `worker` holds (its process is exiting with a step still
+        running: the daemon after its grace period); how many were released."""
+        with self._tx() as conn:
+            return conn.execute(
+                sa.update(table).where(table.c.status == "running", table.c.worker == worker)
+                .values(status="queued", attempts=table.c.attempts - 1, token=None,
+                        expires_at=None, claimed_at=None, retry_at=None, updated_at=_now(),
+                        reason=f"released by {worker}: {reason}")).rowcount
+
+    def feed_pending(self) -> list[Entry]:
+        """Finished entries whose feed record has not reached the Hub yet."""
+        query = (sa.select(table).where(table.c.feed_pending.is_not(None))
+                 .order_by(table.c.updated_at))
+        with self._tx(read=True) as conn:
+            return [_entry(row) for row in conn.execute(query)]
+
+    def feed_sent(self, entries: list[Entry]) -> None:
+        """The feed records of `entries` are on the Hub now."""
+        with self._tx() as conn:
+            for e in entries:
+                conn.execute(sa.update(table).where(*_key(e.repo, e.revision),
+                                                    table.c.feed_pending == e.feed_pending)
+                             .values(feed_pending=None))
 
     def seen(self, repo: str, revision: str) -> Entry | None:
         """The entry for (repo, revision), or None if the ledger has never heard of it."""
@@ -306,13 +365,20 @@ class Ledger:
                            f"{state}")
 
     def _claimable(self, now: datetime) -> sa.ColumnElement[bool]:
-        """Queued; failed with attempts left; running with an expired lease and attempts left."""
+        """Queued or failed with attempts left, past its retry time; running with an expired
+        lease and attempts left."""
         t = table
+        due = sa.or_(t.c.retry_at.is_(None), t.c.retry_at <= now)
         return sa.or_(
-            t.c.status == "queued",
-            sa.and_(t.c.status == "failed", t.c.attempts < self.max_attempts),
+            sa.and_(t.c.status == "queued", due),
+            sa.and_(t.c.status == "failed", t.c.attempts < self.max_attempts, due),
             sa.and_(t.c.status == "running", t.c.expires_at < now,
                     t.c.attempts < self.max_attempts))
+
+    def _backoff(self, n: int) -> timedelta:
+        """The wait after the n-th failure (or deferral): retry_seconds x 2^(n - 1), capped."""
+        seconds = self.retry_seconds * 2.0 ** max(0, min(n - 1, 30))
+        return timedelta(seconds=min(self.max_retry_seconds, seconds))
 
     def _give_up_expired(self, conn: Connection, now: datetime) -> None:
         """Running entries whose lease expired with no attempts left become failed."""
@@ -365,7 +431,8 @@ def _new_row(repo: str, revision: str, kind: str, base: str | None, status: str,
     _require_one_of(kind, KINDS, "kind")
     now = _now()
     return {"repo": repo, "revision": revision, "kind": kind, "base": base, "status": status,
-            "reason": reason, "attempts": 0, "created_at": now, "updated_at": now}
+            "reason": reason, "attempts": 0, "deferrals": 0, "created_at": now,
+            "updated_at": now}
 
 
 def _entry(row: sa.Row[Any]) -> Entry:
@@ -375,7 +442,21 @@ def _entry(row: sa.Row[Any]) -> Entry:
         selection=None if row.selection is None else json.loads(row.selection),
         links=None if row.links is None else json.loads(row.links),
         created_at=_aware(row.created_at), updated_at=_aware(row.updated_at),
-        claimed_at=_aware(row.claimed_at), expires_at=_aware(row.expires_at), token=row.token)
+        claimed_at=_aware(row.claimed_at), expires_at=_aware(row.expires_at),
+        retry_at=_aware(row.retry_at), deferrals=row.deferrals or 0,
+        feed_pending=row.feed_pending, token=row.token)
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """A ledger made by an earlier version gets the columns added since (all nullable or
+    defaulted, so its rows stay as they were)."""
+    present = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+    for column in table.columns:
+        if column.name not in present:
+            kind = column.type.compile(dialect=conn.dialect)
+            default = f" DEFAULT {column.server_default.arg}" if column.server_default else ""
+            conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" '
+                                 f"{kind}{default}{'' if column.nullable else ' NOT NULL'}")
 
 
 def _to_url(url: str | Path) -> sa.URL:

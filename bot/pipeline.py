@@ -5,20 +5,30 @@ The pipeline knows no Hub or tensor details: discovery and checks are bot/discov
 ids into local snapshots bot/hub.py, the sweep bot/evaluate/sweep.py (through bot/stages.py),
 the merge bot/merge/engine.py, publishing bot/publish/, memory bot/ledger.py. Each step's time
 is recorded in the result, a frozen dataclass of bot/results.py.
+
+One candidate never stops the cycle: whatever it raises becomes its outcome (`_end_badly`) with
+a one-line reason (the traceback goes to the log): deferred when the Hub or the disk failed for
+a while, skipped when its revision is gone, failed (retried after a wait) otherwise. No entry is
+left running: a stop request or an interrupt releases it. A background thread renews the claim
+while a candidate runs, and its fine-tune leaves the download cache when it is done.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 
+from bot import hub
 from bot.config import Settings
-from bot.discovery import Candidate, Discovery, Skip, candidate_for, discover
-from bot.errors import SafeguardError
+from bot.discovery import Candidate, Discovery, Skip, candidate_for, discover, one_line
+from bot.errors import DiskSpaceError, GoneError, LedgerError, SafeguardError
 from bot.results import (
     AsrChange,
     CandidateOutcome,
@@ -47,9 +57,10 @@ def open_ledger(settings: Settings, workdir: Path):
     from bot.ledger import Ledger
 
     workdir.mkdir(parents=True, exist_ok=True)
-    return Ledger(settings.ledger.url or workdir / "ledger.sqlite",
-                  max_attempts=settings.ledger.max_attempts,
-                  lease_seconds=settings.ledger.lease_seconds)
+    s = settings.ledger
+    return Ledger(s.url or workdir / "ledger.sqlite", max_attempts=s.max_attempts,
+                  lease_seconds=s.lease_seconds, retry_seconds=s.retry_seconds,
+                  max_retry_seconds=s.max_retry_seconds)
 
 
 class Timer:
@@ -79,11 +90,17 @@ def run_once(settings: Settings, workdir: Path, discover_only: bool = False,
     what is left to retry instead.
     """
     started = time.perf_counter()
+    hub.configure(settings.hub)
     ledger = open_ledger(settings, workdir)
     try:
         found = _discover(ledger, settings)
+        for error in found.errors:
+            log(f"discovery: {error}")
         retry = _left_to_retry(ledger, found) if discover_only else None
-        processed = () if discover_only else _process_queue(ledger, settings, workdir, log, stop)
+        processed = ()
+        if not discover_only:
+            push_pending_feed(ledger, settings, workdir, log)
+            processed = _process_queue(ledger, settings, workdir, log, stop)
         stopped = stop()
     finally:
         ledger.close()
@@ -97,6 +114,8 @@ def _discover(ledger, settings: Settings) -> Discovery:
         ledger.enqueue(c.repo, c.revision, c.kind, c.base)
     for s in found.skips:
         ledger.skip(s.repo, s.revision, s.reason, s.kind, s.base)
+    for x in found.later:
+        ledger.enqueue(x.repo, x.revision, x.kind, x.base, later=x.reason)
     return found
 
 
@@ -128,19 +147,51 @@ def _process_queue(ledger, settings: Settings, workdir: Path, log: Log,
     return tuple(processed)
 
 
-def process_one(ref: str, settings: Settings, workdir: Path,
-                log: Log = lambda _: None) -> CandidateOutcome:
+def push_pending_feed(ledger, settings: Settings, workdir: Path, log: Log = lambda _: None
+                      ) -> int:
+    """Push the feed records that did not reach the Hub when their candidate finished, in one
+    commit, redoing nothing else; how many were pushed (0 when the Hub still fails)."""
+    from bot.publish import feed
+
+    pending = ledger.feed_pending()
+    if not pending:
+        return 0
+    records = [feed.from_json(line) for e in pending for line in e.feed_pending.splitlines()]
+    try:
+        _feed(settings, workdir, records)
+    except (SafeguardError, OSError) as e:
+        log(f"feed: {len(records)} record(s) still pending: {one_line(e)}")
+        return 0
+    ledger.feed_sent(pending)
+    log(f"feed: pushed {len(records)} pending record(s)")
+    return len(records)
+
+
+def process_one(ref: str, settings: Settings, workdir: Path, log: Log = lambda _: None,
+                stop: Stop = lambda: False) -> CandidateOutcome:
     """`process REPO[@REV]`: one candidate end to end, through the ledger (never twice)."""
     from bot.ledger import default_worker
 
+    hub.configure(settings.hub)
     repo, _, revision = ref.partition("@")
-    found = candidate_for(repo, revision or None, settings)
+    try:
+        found = candidate_for(repo, revision or None, settings)
+    except SafeguardError as e:
+        if not e.transient:
+            raise
+        return NotProcessed(repo, revision, "deferred", str(e))
     ledger = open_ledger(settings, workdir)
     try:
         known = ledger.seen(found.repo, found.revision)
         if known is not None and known.status in ("published", "skipped", "running"):
             return NotProcessed(found.repo, found.revision, known.status,
                                 f"already {known.status} at this revision: {known.reason}")
+        if known is not None and known.retry_at is not None \
+                and known.retry_at.timestamp() > time.time() \
+                and known.attempts < settings.ledger.max_attempts:
+            return NotProcessed(found.repo, found.revision, "deferred",
+                                f"waiting until {known.retry_at.isoformat(timespec='seconds')}"
+                                f" to try again: {known.reason}")
         if isinstance(found, Skip):
             ledger.skip(found.repo, found.revision, found.reason, found.kind, found.base)
             return Skipped(found)
@@ -150,39 +201,112 @@ def process_one(ref: str, settings: Settings, workdir: Path,
             return NotProcessed(found.repo, found.revision, "unclaimable",
                                 "another worker holds it, or it ran out of attempts")
         log(f"processing {found.repo}@{found.revision[:8]}")
-        return _process_entry(ledger, entry, settings, workdir, found, log)
+        try:
+            return _process_entry(ledger, entry, settings, workdir, found, log, stop)
+        except Stopped as e:
+            return NotProcessed(found.repo, found.revision, "deferred",
+                                f"{e}; released to the queue")
     finally:
         ledger.close()
+
+
+class Lease:
+    """Renews a claim from a background thread while its candidate runs (a long merge or
+    upload never lets the lease lapse, so no second worker takes it); `lost` says why the
+    claim was lost, if it was."""
+
+    def __init__(self, ledger, entry, every: float) -> None:
+        self.ledger, self.entry, self.every = ledger, entry, every
+        self.lost: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="lease", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._done.wait(self.every):
+            try:
+                self.ledger.heartbeat(self.entry)
+            except LedgerError as e:
+                self.lost = str(e)
+                return
 
 
 def _process_entry(ledger, entry, settings: Settings, workdir: Path,
                    candidate: Candidate | Skip | None = None, log: Log = lambda _: None,
                    stop: Stop = lambda: False) -> CandidateOutcome:
-    """Process a claimed entry; the ledger ends published, skipped or failed (retryable), or,
-    when stopped mid-way, the entry is released (queued again, the attempt not counted)."""
+    """Process a claimed entry; the ledger ends published, skipped, failed (retried after a
+    wait) or deferred, or, when stopped mid-way, the entry is released (queued again, the
+    attempt not counted) and Stopped raised."""
+    lease = Lease(ledger, entry, every=settings.ledger.lease_seconds / 4)
     try:
-        if candidate is None:  # claimed from the queue (discovery or a webhook)
-            candidate = _judge_again(entry, settings)
-        if isinstance(candidate, Skip):
-            ledger.finish(entry, "skipped", candidate.reason)
-            return Skipped(candidate)
-
-        def renew_and_ask() -> bool:  # between steps and sweep points: renew the lease
-            ledger.heartbeat(entry)
-            return stop()
-
-        outcome = process(candidate, settings, workdir, log, renew_and_ask)
+        with lease:
+            if candidate is None:  # claimed from the queue (discovery or a webhook)
+                candidate = _judge_again(entry, settings)
+            if isinstance(candidate, Skip):
+                ledger.finish(entry, "skipped", candidate.reason)
+                return Skipped(candidate)
+            outcome = process(candidate, settings, workdir, log,
+                              lambda: lease.lost is not None or stop())
     except Stopped as e:
+        if lease.lost is not None:  # another worker has it now: it is theirs to finish
+            return NotProcessed(entry.repo, entry.revision, "unclaimable", lease.lost)
         ledger.release(entry, str(e))
         raise
-    except SafeguardError as e:
-        ledger.fail(entry, str(e))
-        with suppress(SafeguardError):  # the ledger has the failure either way
-            _feed(settings, workdir, [_failure_record(entry, str(e))])
-        return NotProcessed(entry.repo, entry.revision, "failed", str(e))
+    except BaseException as e:
+        return _end_badly(ledger, entry, e, settings, workdir, log)
+    finally:
+        if isinstance(candidate, Candidate):
+            _evict(candidate, settings, log)
     ledger.finish(entry, outcome.status, outcome.reason, selection=asdict(outcome.selection),
-                  links=outcome.publication.links)
+                  links=outcome.publication.links, feed=outcome.feed_pending)
     return outcome
+
+
+def _end_badly(ledger, entry, e: BaseException, settings: Settings, workdir: Path,
+               log: Log) -> CandidateOutcome:
+    """The outcome of a candidate that raised, recorded in the ledger: deferred (the Hub or
+    the disk failed for a while), skipped (its revision is gone), failed (anything else, with
+    a one-line reason; retried after a wait). An interrupt releases it and goes on up."""
+    if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: released, then raised
+        with suppress(LedgerError):
+            ledger.release(entry, f"interrupted ({type(e).__name__})")
+        raise e
+    reason = one_line(e)
+    where = f"{entry.repo}@{entry.revision[:8]}"
+    if getattr(e, "transient", False):
+        ledger.defer(entry, reason)
+        log(f"{where}: deferred: {reason}")
+        return NotProcessed(entry.repo, entry.revision, "deferred", reason)
+    if isinstance(e, GoneError):
+        ledger.finish(entry, "skipped", f"gone from the Hub: {reason}")
+        return Skipped(Skip(entry.repo, entry.revision, entry.base or "", entry.kind,
+                            f"gone from the Hub: {reason}"))
+    if not isinstance(e, SafeguardError):  # a bug, a hostile repo, memory or disk: logged
+        logging.getLogger("safeguard").error(f"{where} failed", exc_info=e)
+    pending = _try_feed(settings, workdir, [_failure_record(entry, reason)], log)
+    ledger.fail(entry, reason, feed=pending)
+    log(f"{where}: failed: {reason}")
+    return NotProcessed(entry.repo, entry.revision, "failed", reason)
+
+
+def _evict(candidate: Candidate, settings: Settings, log: Log) -> None:
+    """The fine-tune leaves the download cache (bases stay: every candidate reuses them)."""
+    if settings.hub.keep_finetunes or candidate.repo in settings.watch.bases:
+        return
+    try:
+        freed = hub.evict(candidate.repo, candidate.revision)
+    except OSError as e:
+        log(f"{candidate.repo}: could not clear it from the cache: {e}")
+        return
+    if freed:
+        log(f"{candidate.repo}: {freed / 1e6:.1f} MB freed from the cache")
 
 
 def _judge_again(entry, settings: Settings) -> Candidate | Skip:
@@ -201,7 +325,6 @@ def process(candidate: Candidate, settings: Settings, workdir: Path,
     Each step is logged as "REPO: step NAME" before it starts (the daemon's log, and the
     kill-at-any-step test's cue); `stop()` is checked before each step and between the
     sweep's points, so a stop request releases the candidate within one evaluation."""
-    from bot import hub
     from bot.evaluate.sweep import write_report
     from bot.publish import feed
     from bot.publish.publisher import publish
@@ -214,6 +337,7 @@ def process(candidate: Candidate, settings: Settings, workdir: Path,
 
     timer = Timer(announce)
     ft_ref = f"{candidate.repo}@{candidate.revision}"
+    _check_disk(candidate, settings, workdir)
     with timer.step("sweep"):
         base_dir = hub.resolve_model(candidate.base, quiet=True)
         ft_dir = hub.resolve_model(ft_ref, quiet=True)
@@ -232,7 +356,7 @@ def process(candidate: Candidate, settings: Settings, workdir: Path,
     record = feed.record(candidate.repo, candidate.revision, candidate.base,
                          publication.decision, publication.reason, report, publication.links)
     with timer.step("feed"):
-        _feed(settings, workdir, [record])
+        pending = _try_feed(settings, workdir, [record], log)
     if merged is not None:
         shutil.rmtree(merged, ignore_errors=True)  # published; the report stays
     return Processed(
@@ -240,7 +364,40 @@ def process(candidate: Candidate, settings: Settings, workdir: Path,
         AsrChange(report.base_point.asr, report.finetune_point.asr, record.asr_merged),
         record.retention, str(report_path),
         {**timer.seconds, **{f"sweep_{k}": v for k, v in report.timings.items()
-                             if k.endswith("_seconds")}})
+                             if k.endswith("_seconds")}}, pending)
+
+
+def _check_disk(candidate: Candidate, settings: Settings, workdir: Path) -> None:
+    """DiskSpaceError (a deferral) unless the disks hold what this candidate will write: the
+    fine-tune's download, the base's unless cached, the merged weights, and the margin."""
+    publishes = candidate.action in ("pull-request", "variant")
+    base = hub.model_info(candidate.base)
+    weights = [s for s in base.siblings or [] if s.rfilename.endswith(".safetensors")]
+    base_bytes = sum(s.size or 0 for s in weights)
+    cached = bool(weights) and all(hub.cached(candidate.base, base.sha, s.rfilename)
+                                   for s in weights)
+    merged = (base_bytes if candidate.kind == "adapter" else candidate.size_bytes) \
+        if publishes else 0
+    need: dict[int, list] = {}  # per disk: [a path on it, bytes]
+    for path, size in ((hub.cache_dir(), candidate.size_bytes + (0 if cached else base_bytes)),
+                       (workdir, merged)):
+        path = _existing(path)
+        need.setdefault(os.stat(path).st_dev, [path, 0.0])[1] += size
+    margin = settings.hub.disk_margin_gb * 1e9
+    for path, size in need.values():
+        free = shutil.disk_usage(path).free
+        if size + margin > free:
+            raise DiskSpaceError(
+                f"not enough disk for {candidate.repo}: {(size + margin) / 1e9:.1f} GB needed "
+                f"(download + merge + hub.disk_margin_gb), {free / 1e9:.1f} GB free at {path}")
+
+
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (a cache or work dir not made yet)."""
+    path = Path(path).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _sweep_settings(candidate: Candidate, settings: Settings) -> Settings:
@@ -265,6 +422,17 @@ def _merge_selected(candidate: Candidate, base_dir: Path, ft_dir: Path, weight: 
         s.seed, s.dtype, device=s.device,
         as_adapter=candidate.kind == "adapter" and candidate.action == "pull-request"
         and method.keeps_adapter_form, overwrite=True), quiet=True)
+
+
+def _try_feed(settings: Settings, workdir: Path, records: list, log: Log) -> str | None:
+    """`_feed`; when it fails, the records as JSON lines, for the ledger to keep until a later
+    cycle pushes them (`push_pending_feed`)."""
+    try:
+        _feed(settings, workdir, records)
+        return None
+    except (SafeguardError, OSError) as e:
+        log(f"feed: kept for the next cycle: {one_line(e)}")
+        return "\n".join(r.to_json() for r in records)
 
 
 def _feed(settings: Settings, workdir: Path, records: list) -> None:

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from bot.publish.publisher import Publication
 
 # what the ledger says of a candidate after `process`; "running": another worker has it now,
-# "unclaimable": held elsewhere or out of attempts
-Status = Literal["published", "skipped", "failed", "running", "unclaimable"]
+# "unclaimable": held elsewhere or out of attempts; "deferred": queued again to try later (the
+# Hub failed for a while, the disk is short, or a stop request came first)
+Status = Literal["published", "skipped", "failed", "running", "unclaimable", "deferred"]
 
 
 class FieldsAsJson:
@@ -47,6 +48,7 @@ class Processed:
     retention: float | None
     report: str  # the sweep's report file
     timings: dict[str, float]
+    feed_pending: str | None = None  # its feed record, when the push to the Hub failed
 
     @property
     def repo(self) -> str:
@@ -70,7 +72,7 @@ class Processed:
                 "action": c.action, "decision": p.decision, "reason": p.reason,
                 "links": p.links, "selection": asdict(self.selection), "asr": asdict(self.asr),
                 "retention": self.retention, "report": self.report, "timings": self.timings,
-                "status": self.status}
+                "feed_pending": self.feed_pending is not None, "status": self.status}
 
 
 @dataclass(frozen=True)

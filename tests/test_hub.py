@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from bot import hub
-from bot.errors import HubError, InputNotFoundError
+from bot.errors import GoneError, HubError, TransientHubError
 
 
 class Flaky(BaseHTTPRequestHandler):
@@ -37,6 +37,7 @@ def flaky(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_limits", hub.Limits())  # the defaults, whatever ran before
     yield server
     server.shutdown()
 
@@ -47,21 +48,32 @@ def test_retries_429_and_5xx_honouring_retry_after(flaky, monkeypatch):
     flaky.script[:] = [(429, {"Retry-After": "7"}), (503, {}), (502, {})]
     info = hub.model_info("org/model")
     assert info.sha == "a" * 40
-    assert waits == [7.0, 2.0, 4.0]  # Retry-After, then backoff 2**(attempt-1)
+    assert waits[0] == 7.0  # Retry-After, then backoff 2**(attempt-1), jittered by 20%
+    assert 1.6 <= waits[1] <= 2.4 and 3.2 <= waits[2] <= 4.8
     assert len(flaky.seen) == 4
+
+
+def test_a_rate_limit_waits_for_its_reset(flaky, monkeypatch):
+    waits = []
+    monkeypatch.setattr(hub.time, "sleep", waits.append)
+    flaky.script[:] = [(429, {"RateLimit": '"api";r=0;t=42',
+                              "RateLimit-Policy": '"fixed window";"api";q=500;w=300'})]
+    assert hub.model_info("org/model").sha == "a" * 40
+    assert waits == [42.0]  # the RateLimit header's reset, not the backoff
 
 
 def test_gives_up_after_the_last_attempt(flaky, monkeypatch):
     monkeypatch.setattr(hub.time, "sleep", lambda s: None)
     flaky.script[:] = [(500, {})] * hub.MAX_ATTEMPTS
-    with pytest.raises(HubError, match="answered 500"):
+    with pytest.raises(TransientHubError, match="answered 500") as e:
         hub.model_info("org/model")
+    assert e.value.transient  # an outage: the caller tries again later
     assert len(flaky.seen) == hub.MAX_ATTEMPTS
 
 
 @pytest.mark.parametrize("status, error, message", [
     (401, HubError, "HF_TOKEN"), (403, HubError, "HF_TOKEN"),
-    (404, InputNotFoundError, "not found")])
+    (404, GoneError, "not found")])
 def test_clear_errors_without_retrying(flaky, monkeypatch, status, error, message):
     monkeypatch.setattr(hub.time, "sleep", lambda s: pytest.fail("no retry expected"))
     flaky.script[:] = [(status, {})]

@@ -130,7 +130,7 @@ def test_skip_records_a_reason(ledger):
 
 
 def test_fail_retries_up_to_max_attempts(url):
-    with Ledger(url, max_attempts=3) as ledger:
+    with Ledger(url, max_attempts=3, retry_seconds=0) as ledger:
         ledger.enqueue("org/ft", "1")
         for attempt in (1, 2):
             entry = ledger.claim(f"w{attempt}")
@@ -145,8 +145,92 @@ def test_fail_retries_up_to_max_attempts(url):
         final = ledger.seen("org/ft", "1")
         assert (final.status, final.attempts) == ("failed", 3)
         assert final.reason == "gave up after 3 attempts: out of memory"
-    with Ledger(url, max_attempts=4) as patient:  # raising the limit retries it once more
+    with Ledger(url, max_attempts=4, retry_seconds=0) as patient:  # one more with a higher limit
         assert patient.claim("w5").attempts == 4
+
+
+def test_a_failure_waits_longer_after_each_attempt(url):
+    wait = 0.4  # margins for a busy machine: each check is well inside or past a wait
+    with Ledger(url, max_attempts=3, retry_seconds=wait) as ledger:
+        ledger.enqueue("org/ft", "1")
+        for attempt in (1, 2):
+            entry = ledger.claim("w")
+            ledger.fail(entry, "boom")
+            failed = ledger.seen("org/ft", "1")
+            waited = (failed.retry_at - failed.updated_at).total_seconds()
+            assert waited == pytest.approx(wait * 2 ** (attempt - 1), abs=0.05)
+            assert ledger.claim("w") is None and ledger.claimable() == []
+            time.sleep(waited + 0.1)
+        assert ledger.claim("w").attempts == 3
+
+
+def test_a_deferral_waits_and_uses_no_attempt(url):
+    with Ledger(url, max_attempts=1, retry_seconds=0.3) as ledger:
+        assert ledger.enqueue("org/new", "1", later="the Hub answered 503")
+        first = ledger.seen("org/new", "1")
+        assert (first.status, first.deferrals, first.attempts) == ("queued", 1, 0)
+        assert ledger.claim("w") is None  # not before its retry time
+        time.sleep(0.4)
+        entry = ledger.claim("w")
+        for n in (2, 3):  # an outage longer than max_attempts claims: never a decision
+            ledger.defer(entry, "the Hub answered 429")
+            back = ledger.seen("org/new", "1")
+            assert (back.status, back.attempts, back.deferrals) == ("queued", 0, n)
+            assert back.reason == "waiting to try again: the Hub answered 429"
+            assert (back.retry_at - back.updated_at).total_seconds() == \
+                pytest.approx(0.3 * 2 ** (n - 1), abs=0.05)
+            time.sleep(0.3 * 2 ** (n - 1) + 0.1)
+            entry = ledger.claim("w")
+            assert entry.attempts == 1
+        ledger.finish(entry, "published")
+        assert ledger.seen("org/new", "1").retry_at is None
+
+
+def test_release_worker_frees_what_a_stopping_process_holds(ledger):
+    for name in ("a", "b", "c"):
+        ledger.enqueue(f"org/{name}", "1")
+    mine, theirs = ledger.claim("me"), ledger.claim("other")
+    assert ledger.release_worker("me", "stopped while a Hub call hung") == 1
+    back = ledger.seen(*mine.key)
+    assert (back.status, back.attempts) == ("queued", 0)
+    assert back.reason == "released by me: stopped while a Hub call hung"
+    assert ledger.seen(*theirs.key).status == "running"
+    with pytest.raises(LedgerError):
+        ledger.finish(mine, "published")  # that claim is over
+
+
+def test_a_feed_record_waits_in_the_ledger_until_it_is_sent(ledger):
+    ledger.enqueue("org/a", "1")
+    ledger.enqueue("org/b", "1")
+    ledger.finish(ledger.claim("w"), "published", feed='{"repo": "org/a"}')
+    ledger.fail(ledger.claim("w"), "boom", feed='{"repo": "org/b"}')
+    pending = ledger.feed_pending()
+    assert [(e.repo, e.status, e.feed_pending) for e in pending] == [
+        ("org/a", "published", '{"repo": "org/a"}'), ("org/b", "failed", '{"repo": "org/b"}')]
+    ledger.feed_sent(pending[:1])
+    assert [e.repo for e in ledger.feed_pending()] == ["org/b"]
+
+
+def test_a_ledger_of_an_earlier_version_gains_the_new_columns(tmp_path):
+    path = tmp_path / "old.sqlite"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:  # the table as the first release made it
+        conn.exec_driver_sql(
+            "CREATE TABLE ledger_entries (repo VARCHAR NOT NULL, revision VARCHAR NOT NULL, "
+            "kind VARCHAR NOT NULL, base VARCHAR, status VARCHAR NOT NULL, reason TEXT NOT NULL,"
+            " selection TEXT, links TEXT, attempts INTEGER NOT NULL, worker VARCHAR, "
+            "token VARCHAR, created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL, "
+            "claimed_at DATETIME, expires_at DATETIME, PRIMARY KEY (repo, revision))")
+        conn.exec_driver_sql(
+            "INSERT INTO ledger_entries VALUES ('org/old', '1', 'model', NULL, 'failed', 'x', "
+            "NULL, NULL, 1, 'w', NULL, '2026-01-01 00:00:00', '2026-01-01 00:00:00', NULL, "
+            "NULL)")
+    engine.dispose()
+    with Ledger(path, retry_seconds=0) as ledger:
+        old = ledger.seen("org/old", "1")
+        assert (old.status, old.deferrals, old.retry_at, old.feed_pending) == \
+            ("failed", 0, None, None)
+        assert ledger.claim("w").key == ("org/old", "1")
 
 
 def test_release_does_not_count_an_attempt(ledger):

@@ -84,13 +84,17 @@ def test_a_new_revision_is_a_new_candidate(seeded, tmp_path):
 
 def test_discover_only_lists_what_is_left_to_retry(seeded, tmp_path):
     """Queued and failed-with-attempts-left entries come back under "retry" (the Actions
-    matrix takes them); a published one does not."""
+    matrix takes them) once their wait is over; a published one does not."""
     from bot.ledger import Ledger
 
     hub, _, _ = seeded
     first = run_once(hub, tmp_path)
     assert first["retry"] == []  # everything new is under "candidates"
-    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+    revision = {c["repo"]: c["revision"] for c in first["candidates"]}
+    with Ledger(tmp_path / "ledger.sqlite") as waiting:  # the default wait: 10 min
+        waiting.fail(waiting.claim("test", "bob/zoo-ft-newtoken",
+                                   revision["bob/zoo-ft-newtoken"]), "the Hub timed out")
+    with Ledger(tmp_path / "ledger.sqlite", retry_seconds=0) as ledger:
         failed = ledger.claim("test", "bob/zoo-ft-flip",
                               next(c["revision"] for c in first["candidates"]
                                    if c["repo"] == "bob/zoo-ft-flip"))
@@ -101,8 +105,7 @@ def test_discover_only_lists_what_is_left_to_retry(seeded, tmp_path):
         ledger.finish(done, "published")
     again = run_once(hub, tmp_path)
     retry = {r["repo"]: r["status"] for r in again["retry"]}
-    assert retry == {"bob/zoo-ft-flip": "failed", "bob/zoo-lora-flip": "queued",
-                     "bob/zoo-ft-newtoken": "queued"}
+    assert retry == {"bob/zoo-ft-flip": "failed", "bob/zoo-lora-flip": "queued"}
 
 
 def test_prompt_sets_from_a_hub_dataset(localhub, monkeypatch):

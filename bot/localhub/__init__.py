@@ -5,6 +5,7 @@ The real `huggingface_hub.HfApi` talks to it over HTTP (`HfApi(endpoint=hub.url)
 Uploads need `HF_HUB_DISABLE_XET=1` (Xet is not supported; LFS is). What is and is not
 supported: docs/localhub.md. It imports nothing of the bot: its errors are its own
 (`LocalHubError`, and `LocalHubUsageError` for bad arguments).
+`add_fault(Fault(...))` makes it misbehave on purpose (errors, 429s, stalls, drops).
 
     with LocalHub("/tmp/hub") as hub:          # or hub = LocalHub(dir); hub.start(port=0)
         hub.add_user("alice", "hf_alice_token", orgs=["safeguard"])
@@ -23,10 +24,11 @@ from typing import IO
 
 from bot.localhub.api import Api
 from bot.localhub.errors import LocalHubError, LocalHubUsageError
+from bot.localhub.faults import Fault
 from bot.localhub.server import Server
 from bot.localhub.store import Store
 
-__all__ = ["LocalHub", "LocalHubError", "LocalHubUsageError"]
+__all__ = ["Fault", "LocalHub", "LocalHubError", "LocalHubUsageError"]
 
 
 class LocalHub:
@@ -48,6 +50,8 @@ class LocalHub:
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self._lock_file: IO[bytes] | None = None
+        self._faults: list[Fault] = []  # shared with the server, which reads it per request
+        self._faults_lock = threading.Lock()
 
     # ---- serving
 
@@ -72,7 +76,7 @@ class LocalHub:
         self.store = Store(self.directory)
         self._api = Api(self.store, self._api.page_size)
         try:
-            self._server = Server((host, port), self._api)
+            self._server = Server((host, port), self._api, self._faults)
         except OSError as e:
             self._unlock_directory()
             raise LocalHubError(f"cannot serve the local hub on {host}:{port}: {e}") from e
@@ -91,7 +95,7 @@ class LocalHub:
         server, self._server = self._server, None
         if server is None:
             return
-        server.stopping = True
+        server.stopping = True  # also ends the stalls of "hang" faults at once
         server.shutdown()
         server.close_connections()
         server.server_close()
@@ -99,6 +103,29 @@ class LocalHub:
             self._thread.join(5)
         self._thread = None
         self._unlock_directory()
+
+    # ---- faults
+
+    def add_fault(self, fault: Fault) -> Fault:
+        """Make matching requests misbehave (see `Fault`); works while serving. Faults are
+        tried in the order added, the first that fires wins. Returns the fault (its
+        `matched` and `injected` count what it did)."""
+        if not isinstance(fault, Fault):
+            raise LocalHubUsageError(f"add_fault wants a Fault, not {fault!r}")
+        with self._faults_lock:
+            self._faults.append(fault)
+        return fault
+
+    @property
+    def faults(self) -> list[Fault]:
+        """The current faults, in the order added (a copy of the list)."""
+        with self._faults_lock:
+            return list(self._faults)
+
+    def clear_faults(self) -> None:
+        """Remove every fault: requests are answered normally again."""
+        with self._faults_lock:
+            self._faults.clear()
 
     def _lock_directory(self) -> None:
         """One server per directory: an exclusive lock on DIR/.lock while serving."""

@@ -3,6 +3,7 @@
 Only the standard library (http.server, one thread per connection). Each request is answered
 by the routes (api.py) under the store's lock, except the streaming of file contents and of
 LFS uploads.
+Faults (faults.py) are checked first, for every request.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import socket
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from urllib.parse import urlsplit
 from bot.localhub.api import Api
 from bot.localhub.commits import check_upload
 from bot.localhub.errors import ApiError
+from bot.localhub.faults import Fault
 from bot.localhub.protocol import Query, Reply, error_reply, reply_json
 from bot.localhub.store import Store
 
@@ -35,11 +38,23 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128  # parallel downloads open many connections at once
 
-    def __init__(self, address: tuple[str, int], api: Api):
+    def __init__(self, address: tuple[str, int], api: Api, faults: list[Fault] | None = None):
         self.api = api
-        self.stopping = False
+        self.faults = faults if faults is not None else []  # the hub's list, shared
+        self.stopped = threading.Event()  # set by stop(): hanging requests end at once
         self.connections: set[socket.socket] = set()
         super().__init__(address, Handler)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stopped.is_set()
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        if value:
+            self.stopped.set()
+        else:
+            self.stopped.clear()
 
     def close_connections(self) -> None:
         """Shut every open client connection (idle keep-alive ones included)."""
@@ -91,12 +106,17 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.stopping:
             self.close_connection = True
             return
+        self.late_fault: Fault | None = None  # a fault with `after`: answered once handled
+        if self.server.faults and self._fault(method):
+            return
         api = self.server.api
         try:
             url = urlsplit(self.path)
             query = Query(url.query)
             if method == "PUT" and url.path.startswith("/lfs-upload/"):
-                self._send(self._upload(api, url.path, query), method)
+                reply = self._upload(api, url.path, query)
+                self._send(self._fault_reply(self.late_fault) if self.late_fault else reply,
+                           method)
                 return
             body = self._read_body()
             host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])
@@ -114,7 +134,51 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("local hub: %s %s failed", method, self.path)
             reply = reply_json({"error": f"local hub internal error: {type(e).__name__}: {e}"},
                                500, {"X-Error-Message": "local hub internal error"})
+        if self.late_fault is not None:  # the request did its work; the client sees the fault
+            reply = self._fault_reply(self.late_fault)
         self._send(reply, method)
+
+    def _fault(self, method: str) -> bool:
+        """Apply the first of the hub's faults that fires for this request; True when the
+        request is done with (answered with an error, dropped, or cut short by stop)."""
+        path = urlsplit(self.path).path
+        fault = next((f for f in list(self.server.faults) if f.fires(method, path)), None)
+        if fault is None:
+            return False
+        log.debug("%s fault %s injected on %s %s", self.address_string(), fault, method,
+                  self.path)
+        if fault.kind == "hang":  # then answer normally, unless the hub stops meanwhile
+            if self.server.stopped.wait(fault.seconds):
+                self.close_connection = True
+                return True
+            return False
+        if fault.kind == "drop":  # no answer at all: the connection closes
+            self.close_connection = True
+            return True
+        if fault.after:
+            self.late_fault = fault
+            return False
+        try:
+            self._read_body(lambda _: None)  # drained: the connection stays usable
+        except (ApiError, OSError, ValueError):
+            self.close_connection = True
+        self._send(self._fault_reply(fault), method)
+        return True
+
+    def _fault_reply(self, fault: Fault) -> Reply:
+        """The answer of a "status" fault: the status, a JSON error, and for 429 the Hub's
+        rate-limit headers."""
+        message = f"local hub fault: injected {fault.status}"
+        headers = {"X-Error-Message": message}
+        if fault.status == 429:  # the Hub's (huggingface_hub.utils.parse_ratelimit_headers)
+            headers.update({"RateLimit": f'"api";r=0;t={fault.reset_seconds}',
+                            "RateLimit-Policy": '"fixed window";"api";q=500;w=300',
+                            "Retry-After": str(fault.reset_seconds)})
+        reply = reply_json({"error": message}, fault.status, headers)
+        if fault.status < 200 or fault.status in (204, 304):  # statuses that carry no body
+            reply.body = b""
+            self.close_connection = self.close_connection or fault.status < 200
+        return reply
 
     def _user(self, store: Store) -> str | None:
         auth = self.headers.get("Authorization")

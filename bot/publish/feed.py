@@ -34,7 +34,8 @@ class FeedRecord:
     repo: str
     revision: str
     base: str
-    decision: str  # pull-request | variant | feed-only | no-publish | skipped | failed
+    # pull-request | variant | feed-only | no-publish | declined | skipped | failed
+    decision: str
     reason: str
     method: str | None = None
     weight: float | None = None
@@ -93,10 +94,20 @@ def results_repo(settings: PublishSettings) -> str:
 def push(records: list[FeedRecord], dataset_repo: str) -> str | None:
     """Append the new records to the Hub dataset's results.jsonl; the commit's sha, or None
     when every record was there already."""
+    return push_lines([r.to_json() for r in records], dataset_repo)
+
+
+def push_lines(lines: list[str], dataset_repo: str) -> str | None:
+    """`push` for records already written as JSON lines (those the ledger kept pending)."""
     from bot import hub
 
-    return hub.append_lines(dataset_repo, RESULTS_FILE, [r.to_json() for r in records],
-                            f"safeguard-bot: {len(records)} result(s)", key=record_key)
+    return hub.append_lines(dataset_repo, RESULTS_FILE, lines,
+                            f"safeguard-bot: {len(lines)} result(s)", key=record_key)
+
+
+def from_json(line: str) -> FeedRecord:
+    """A record from its JSON line."""
+    return FeedRecord(**json.loads(line))
 
 
 def write_local(records: list[FeedRecord], directory: Path,

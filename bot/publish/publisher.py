@@ -2,24 +2,29 @@
 
 Each publication is one commit (the Hub applies a commit whole or not at all), so nothing is
 half-published if the process dies. Never a second pull request for one revision: the ledger
-says whether this revision was published, and the repo's open pull requests by the bot are
-checked for the revision's marker in their title.
+says whether this revision was published, and the bot's pull requests on the repo (open,
+closed or merged) are checked for the revision's marker in their title before the commit and
+again after any failed try of it (it may have landed), never retried blindly. A pull request
+the owner closed means they declined: nothing is opened again for that revision.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from bot import __version__, hub
 from bot.config import Settings
+from bot.errors import SafeguardError
 from bot.publish import card as cards
 
 PLOT_FILE = "sweep.png"
 # what was done with a selected merge: a pull request on the fine-tune, a variant repo, only a
 # line in the feed, or nothing (the sweep found no merge worth publishing)
-Decision = Literal["pull-request", "variant", "feed-only", "no-publish"]
+# "declined": the owner closed the bot's pull request for this revision
+Decision = Literal["pull-request", "variant", "feed-only", "no-publish", "declined"]
 PUBLISHED: tuple[Decision, ...] = ("pull-request", "variant")
 
 
@@ -73,15 +78,27 @@ def publish(candidate, report, merged: Path | None, plot: Path | None,
                        {"variant": f"{hub.endpoint()}/{repo}", "commit": url})
 
 
+def _existing_pull_request(repo: str, me: str, marker: str) -> Publication | None:
+    """What the bot's pull request for this revision came to, if it has one."""
+    for number, title, status in hub.pull_requests_by(repo, me):
+        if marker not in title:
+            continue
+        link = {"pull_request": f"{hub.endpoint()}/{repo}/discussions/{number}"}
+        if status == "closed":
+            return Publication("declined", f"the owner closed pull request #{number} for this "
+                                           "revision", link)
+        return Publication("pull-request", f"a pull request for this revision is already "
+                                           f"{'merged' if status == 'merged' else 'open'} "
+                                           f"(#{number})", link)
+    return None
+
+
 def _pull_request(candidate, report, files, common, settings) -> Publication:
     me = hub.whoami()
     marker = revision_marker(candidate.revision)
-    for number, title in hub.open_pull_requests_by(candidate.repo, me):
-        if marker in title:
-            return Publication("pull-request", f"a pull request for this revision is already "
-                                               f"open (#{number})",
-                               {"pull_request": f"{hub.endpoint()}/{candidate.repo}/"
-                                                f"discussions/{number}"})
+    existing = _existing_pull_request(candidate.repo, me, marker)
+    if existing is not None:
+        return existing
     # the owner's repo keeps its own config and tokenizer: only the weights change (old
     # weight files that the merge does not write are deleted), plus the card section and plot
     files = {name: content for name, content in files.items() if _is_weights(name)
@@ -94,10 +111,20 @@ def _pull_request(candidate, report, files, common, settings) -> Publication:
              and s.rfilename not in files]
     title, description = cards.pull_request_text(report, opt_in_tag=settings.watch.opt_in_tag,
                                                  **common)
-    number, url = hub.open_pull_request(candidate.repo, files, f"{title} {marker}",
-                                        description, parent_commit=candidate.revision,
-                                        delete=stale)
-    return Publication("pull-request", report.selection.reason, {"pull_request": url})
+    for attempt in range(1, hub.attempts() + 1):
+        try:
+            _, url = hub.open_pull_request(candidate.repo, files, f"{title} {marker}",
+                                           description, parent_commit=candidate.revision,
+                                           delete=stale)
+            return Publication("pull-request", report.selection.reason, {"pull_request": url})
+        except SafeguardError as e:
+            if not e.transient or attempt == hub.attempts():
+                raise
+            time.sleep(hub.backoff_seconds(attempt))
+            landed = _existing_pull_request(candidate.repo, me, marker)  # it may have
+            if landed is not None:
+                return landed
+    raise AssertionError("unreachable")
 
 
 def _is_weights(name: str) -> bool:
