@@ -342,9 +342,10 @@ def run(
     if not once:
         raise typer.BadParameter("give --once (the daemon is `safeguard-bot watch`)")
     _quiet_libraries()
-    with _stop_on_sigterm() as stopping:
-        result = run_once(load_settings(config, overrides or []), workdir, discover_only,
-                          log=_log(as_json), stop=stopping.is_set)
+    settings = load_settings(config, overrides or [])
+    with _stop_on_sigterm(settings, workdir) as stopping:
+        result = run_once(settings, workdir, discover_only, log=_log(as_json),
+                          stop=stopping.is_set)
     _emit(result, as_json, _print_cycle)
 
 
@@ -384,9 +385,9 @@ def process(
     from bot.pipeline import process_one
 
     _quiet_libraries()
-    with _stop_on_sigterm() as stopping:
-        result = process_one(ref, load_settings(config, overrides or []), workdir,
-                             log=_log(as_json), stop=stopping.is_set)
+    settings = load_settings(config, overrides or [])
+    with _stop_on_sigterm(settings, workdir) as stopping:
+        result = process_one(ref, settings, workdir, log=_log(as_json), stop=stopping.is_set)
     _emit(result, as_json, lambda r: err.print(_outcome_line(r), markup=False))
     if result.status in PROCESS_EXIT:
         raise typer.Exit(PROCESS_EXIT[result.status])
@@ -396,14 +397,35 @@ PROCESS_EXIT = {"failed": 1, "deferred": 75}  # `process`: statuses that are not
 
 
 @contextmanager
-def _stop_on_sigterm() -> Iterator[threading.Event]:
+def _stop_on_sigterm(settings, workdir: Path) -> Iterator[threading.Event]:
     """An event set by SIGTERM for the duration: the command stops at its next step and
-    releases its candidate, instead of dying with the entry left running."""
+    releases its candidate, instead of dying with the entry left running. A step still running
+    daemon.grace_seconds later (a Hub call that hangs) does not hold the exit up: the
+    candidate is released from another thread and the process exits 143."""
+    from bot.pipeline import release_held
+
     stopping = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+
+    def give_up() -> None:
+        released = release_held(settings, workdir)
+        err.print(f"stopped: a step still ran {settings.daemon.grace_seconds:g} s after "
+                  f"SIGTERM; released {released} candidate(s)", markup=False)
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGTERM)
+
+    deadline = threading.Timer(settings.daemon.grace_seconds, give_up)
+    deadline.daemon = True
+
+    def on_sigterm(*_: object) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            deadline.start()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield stopping
     finally:
+        deadline.cancel()
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -117,16 +117,9 @@ def watch(settings: Settings, workdir: Path, max_cycles: int | None = None,
 def _release_held(settings: Settings, workdir: Path) -> None:
     """Give back what this process holds (its step did not end within the grace period); the
     step's thread is left behind and ends with the process."""
-    from bot.ledger import default_worker
-    from bot.pipeline import open_ledger
+    from bot.pipeline import release_held
 
-    ledger = open_ledger(settings, workdir)
-    try:
-        grace = settings.daemon.grace_seconds
-        released = ledger.release_worker(default_worker(),
-                                         f"stopped; a step still ran after {grace:g} s")
-    finally:
-        ledger.close()
+    released = release_held(settings, workdir)
     log.warning(f"a step did not end within {settings.daemon.grace_seconds:g} s of the stop "
                 f"request: released {released} candidate(s) and stopping anyway",
                 extra={"data": {"event": "grace-expired", "released": released}})

@@ -210,6 +210,20 @@ def process_one(ref: str, settings: Settings, workdir: Path, log: Log = lambda _
         ledger.close()
 
 
+def release_held(settings: Settings, workdir: Path) -> int:
+    """Release every claim this process holds, from any thread: a stop request whose step did
+    not end within daemon.grace_seconds (a Hub call that hangs). How many were released."""
+    from bot.ledger import default_worker
+
+    ledger = open_ledger(settings, workdir)
+    try:
+        return ledger.release_worker(
+            default_worker(), f"stopped; a step still ran {settings.daemon.grace_seconds:g} s "
+                              "after the stop request")
+    finally:
+        ledger.close()
+
+
 class Lease:
     """Renews a claim from a background thread while its candidate runs (a long merge or
     upload never lets the lease lapse, so no second worker takes it); `lost` says why the

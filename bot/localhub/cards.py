@@ -101,7 +101,7 @@ def _json_file(tree: Mapping[str, dict], path: str, read: ReadBlob) -> dict | No
         return None
     try:
         data = json.loads(read(entry["sha256"]))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # a hostile file: no config
         return None
     return data if isinstance(data, dict) else None
 
@@ -120,7 +120,7 @@ def safetensors_info(tree: Mapping[str, dict],
             continue
         try:
             header = json.loads(read_head(entry["sha256"], 8 + length)[8:])
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             continue
         found = True
         for name, tensor in header.items():
