@@ -237,8 +237,9 @@ def _bot_error(what: str, e: Exception, transient: bool = False) -> Exception:
         cause = e.__cause__ if isinstance(e, LocalEntryNotFoundError) and e.__cause__ else e
         detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         status = _status(cause)
-        answer = f"the Hub answered {status}" if status else type(cause).__name__
-        return TransientHubError(f"{what}: {answer} ({detail}); will try again later")
+        answer = f"the Hub answered {status} ({detail})" if status else \
+            f"cannot reach the Hub: {type(cause).__name__} ({detail})"
+        return TransientHubError(f"{what}: {answer}; will try again later")
     if isinstance(e, GatedRepoError):
         return HubError(f"{what}: gated, and this token has no access (request access on its "
                         "page, or set HF_TOKEN)")

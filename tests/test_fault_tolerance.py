@@ -243,16 +243,13 @@ def test_the_lease_is_renewed_while_a_long_upload_runs(world, bot):
     slow = hub.add_fault(Fault("hang", method="POST", seconds=3,
                                path=rf"^/api/models/{BOT}/long-upload-safeguarded/commit/"))
     stolen, done = [], threading.Event()
+    rival = Ledger(bot / "ledger.sqlite")
 
     def thief() -> None:  # a second worker, trying to claim all along
         while not done.is_set():
-            try:
-                with Ledger(bot / "ledger.sqlite") as ledger:
-                    got = ledger.claim("thief")
-                    if got is not None:
-                        stolen.append(got)
-            except Exception:  # noqa: BLE001 - the ledger may not exist yet
-                pass
+            got = rival.claim("thief")
+            if got is not None:
+                stolen.append(got)
             time.sleep(0.1)
 
     competitor = threading.Thread(target=thief, daemon=True)
@@ -262,6 +259,7 @@ def test_the_lease_is_renewed_while_a_long_upload_runs(world, bot):
     finally:
         done.set()
         competitor.join(timeout=10)
+        rival.close()
     assert slow.injected == 1 and outcome.status == "published"
     assert stolen == []  # 3 s of upload on a 1 s lease, and nobody could take it
     assert entry(bot, repo, sha).attempts == 1
