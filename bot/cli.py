@@ -459,6 +459,10 @@ def _print_cycle(r: CycleResult) -> None:
               f"{len(r.processed)} processed ({r.seconds} s)", markup=False)
     for s in found.skips:
         err.print(f"  skip {s.repo}@{s.revision[:8]}: {s.reason}", markup=False)
+    for x in found.later:
+        err.print(f"  later {x.repo}@{x.revision[:8]}: {x.reason}", markup=False)
+    for error in found.errors:
+        err.print(f"  error {error}", markup=False)
     for p in r.processed:
         err.print("  " + _outcome_line(p), markup=False)
 

@@ -411,7 +411,7 @@ def test_the_report_step_fails_the_job_only_for_a_failed_candidate(tmp_path):
     proc, _, summary = run_step(step, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "published (pull-request)" in summary and "discussions/1" in summary
-    for status, code in [("unclaimable", 0), ("skipped", 0), ("failed", 1)]:
+    for status, code in [("unclaimable", 0), ("skipped", 0), ("deferred", 0), ("failed", 1)]:
         result = {"repo": "org/ft-a", "revision": SHA, "status": status, "reason": "x"}
         (tmp_path / "out" / "result.json").write_text(json.dumps(result))
         assert run_step(step, tmp_path)[0].returncode == code, status

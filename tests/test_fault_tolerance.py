@@ -340,3 +340,20 @@ def test_sigterm_while_a_call_hangs_releases_within_the_grace_period(world, tmp_
     back = entry(tmp_path, repo, sha)
     assert (back.status, back.attempts) == ("queued", 0), back
     assert back.reason.startswith("released by")
+
+
+def test_a_download_takes_only_what_a_merge_needs(world, bot):
+    base, repo, sha = seed(world, "extra-files")
+    hub, directory, _ = world
+    frank = HfApi(endpoint=hub.url, token="hf_frank_token")
+    frank.upload_file(path_or_fileobj=json.dumps({"log": "x" * 2_000_000}).encode(),
+                      path_in_repo="trainer_state.json", repo_id=repo)
+    frank.upload_file(path_or_fileobj=b"import os\n", path_in_repo="modeling_evil.py",
+                      repo_id=repo)
+    bot_hub.configure(settings(world, base, [repo], bot, "hub.max_file_mb=1").hub)
+    local = bot_hub.download_model(repo)
+    names = {p.name for p in local.iterdir()}
+    assert {"config.json", "model.safetensors"} <= names
+    assert "trainer_state.json" not in names  # over hub.max_file_mb
+    assert "modeling_evil.py" not in names  # code is never downloaded
+    assert str(local).startswith(str(bot / "hf-cache"))  # hub.cache_dir
