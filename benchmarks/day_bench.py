@@ -737,6 +737,7 @@ def _verify(hub: LocalHub, ledger_url: str, root: Path, feed_repo: str, well_for
             repo, author=bot, discussion_type="pull_request") if marker in d.title]
         prs[repo] = {"status": e.status, "pull_requests": len(found_prs),
                      "links": e.links,
+                     "ledger": _row(e) if len(found_prs) != 1 else None,
                      "found": [{"num": d.num, "title": d.title, "status": d.status,
                                 "created_at": d.created_at.isoformat()}
                                for d in found_prs] if len(found_prs) != 1 else None}
@@ -900,7 +901,7 @@ def print_chaos(out: dict) -> None:
           f"{pr['missing']}; variant commits over 1: {out['variant_commits_over_1']}")
     for repo in (*pr["duplicates"], *pr["missing"]):
         p = pr["per_repo"][repo]
-        print(f"  {repo}: ledger {p['status']} with links {p['links']}; the bot's pull "
+        print(f"  {repo}: ledger {p['ledger']}, links {p['links']}; the bot's pull "
               f"requests for the revision: {p['found']}")
     print(f"feed: {feed['records']} records, duplicates {feed['duplicates']}, lost "
           f"{feed['lost']}, pending before the final run {feed['pending_before_final_run']}")
