@@ -63,6 +63,17 @@ def test_status_for_the_first_requests_then_normal(hub, api):
     assert hub.faults[0].injected == 2 and hub.faults[0].matched == 3
 
 
+def test_after_does_the_work_then_answers_the_fault(hub, api):
+    api.create_repo("alice/landed")
+    hub.add_fault(Fault("status", method="POST", path=r"^/api/models/alice/landed/commit/",
+                        status=503, after=True, first=1))
+    with pytest.raises(HfHubHTTPError) as e:
+        api.upload_file(path_or_fileobj=b"hello", path_in_repo="note.txt",
+                        repo_id="alice/landed")
+    assert e.value.response.status_code == 503
+    assert api.list_repo_commits("alice/landed")[0].title.startswith("Upload note.txt")
+
+
 def test_429_carries_the_hubs_rate_limit_headers(hub, api):
     api.create_repo("alice/limited")
     hub.add_fault(Fault("status", path=r"^/api/models", status=429, seconds=2.5))
@@ -209,6 +220,7 @@ def test_faults_added_before_start_and_bad_arguments(tmp_path):
     ("drop,probability=0.1,seed=7", Fault("drop", probability=0.1, seed=7)),
     ("status=500,method=put,path=^/a{1,3}/b", Fault("status", path="^/a{1,3}/b", method="PUT",
                                                      status=500)),
+    ("status=503,after,method=POST", Fault("status", method="POST", after=True)),
 ])
 def test_parse(spec, expected):
     fault = Fault.parse(spec)
@@ -235,6 +247,8 @@ def test_parse(spec, expected):
     ("status=503,reset=2", "status=429 only"),
     ("drop,method=G-T", "method must be a word"),
     ("status=503,status=504", "given twice"),
+    ("drop,after", "only for status"),
+    ("status=503,after=yes", "after takes no value"),
 ])
 def test_parse_refuses_bad_specs(spec, message):
     with pytest.raises(LocalHubUsageError, match=message):
