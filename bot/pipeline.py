@@ -360,19 +360,21 @@ def process(candidate: Candidate, settings: Settings, workdir: Path,
     name = f"{candidate.repo.replace('/', '--')}@{candidate.revision[:12]}"
     report_path, plot = write_report(report, workdir / "reports" / f"{name}.json")
     merged = None
-    if report.selection.publish and candidate.action in ("pull-request", "variant"):
-        merged = workdir / "merged" / name
-        with timer.step("merge"):
-            _merge_selected(candidate, base_dir, ft_dir, report.selection.weight, merged,
-                            settings)
-    with timer.step("publish"):
-        publication = publish(candidate, report, merged, plot, settings)
+    try:
+        if report.selection.publish and candidate.action in ("pull-request", "variant"):
+            merged = workdir / "merged" / name
+            with timer.step("merge"):
+                _merge_selected(candidate, base_dir, ft_dir, report.selection.weight, merged,
+                                settings)
+        with timer.step("publish"):
+            publication = publish(candidate, report, merged, plot, settings)
+    finally:  # published or not, the merged weights go; the report stays
+        if merged is not None:
+            shutil.rmtree(merged, ignore_errors=True)
     record = feed.record(candidate.repo, candidate.revision, candidate.base,
                          publication.decision, publication.reason, report, publication.links)
     with timer.step("feed"):
         pending = _try_feed(settings, workdir, [record], log)
-    if merged is not None:
-        shutil.rmtree(merged, ignore_errors=True)  # published; the report stays
     return Processed(
         candidate, publication, report.selection,
         AsrChange(report.base_point.asr, report.finetune_point.asr, record.asr_merged),

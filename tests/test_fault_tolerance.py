@@ -357,3 +357,15 @@ def test_a_download_takes_only_what_a_merge_needs(world, bot):
     assert "trainer_state.json" not in names  # over hub.max_file_mb
     assert "modeling_evil.py" not in names  # code is never downloaded
     assert str(local).startswith(str(bot / "hf-cache"))  # hub.cache_dir
+
+
+def test_a_refused_publication_fails_and_leaves_no_merged_weights(world, bot):
+    base, repo, sha = seed(world, "refused-upload")
+    s = settings(world, base, [repo], bot)
+    hub = world[0]
+    hub.add_fault(Fault("status", method="POST", status=403,
+                        path=rf"^/api/models/{BOT}/refused-upload-safeguarded/commit/"))
+    (outcome,) = run_once(s, bot).processed
+    assert outcome.status == "failed" and "403" in outcome.reason
+    assert entry(bot, repo, sha).status == "failed" and running(bot) == []
+    assert list((bot / "merged").iterdir()) == []  # a GB-sized merge never piles up
