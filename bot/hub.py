@@ -146,7 +146,8 @@ def api() -> HfApi:
 
 def with_retries(call: Callable[[], T], what: str, attempts: int | None = None, *,
                  retry: tuple[int, ...] = RETRY_STATUS,
-                 passthrough: tuple[type[Exception], ...] = (EntryNotFoundError,)) -> T:
+                 passthrough: tuple[type[Exception], ...] = (EntryNotFoundError,),
+                 idempotent: bool = True) -> T:
     """Run `call`; on a transient failure (a status in `retry`, a timeout, a dropped
     connection) wait and try again, up to `attempts` calls in all.
 
@@ -158,6 +159,9 @@ def with_retries(call: Callable[[], T], what: str, attempts: int | None = None, 
             Retry-After, else 1, 2, 4... s); add CONFLICT_STATUS for a commit on a parent (a
             short random wait).
         passthrough: errors raised as they are (a missing file, for `read_text` to answer None).
+        idempotent: False for a call that may have taken effect although it failed (a commit
+            that opens a pull request, after a 5xx, a timeout or a dropped connection): only a
+            429, which refuses the call, is tried again.
 
     Returns:
         What `call` returns. A failure still transient after the last attempt is a
@@ -173,7 +177,8 @@ def with_retries(call: Callable[[], T], what: str, attempts: int | None = None, 
         except (HfHubHTTPError, LocalEntryNotFoundError, httpx2.TransportError) as e:
             status = _status(e)
             transient = status in retry if status is not None else is_transient(e)
-            if transient and attempt < attempts:
+            again = transient and (idempotent or status == 429)
+            if again and attempt < attempts:
                 time.sleep(_wait(e, status, attempt))
                 continue
             raise _bot_error(what, e, transient) from None
@@ -457,15 +462,15 @@ def open_pull_request(repo: str, files: dict[str, Path | bytes], title: str, des
     """One commit on a new pull request of `repo` (branched from `parent_commit` when given)
     that adds `files` and deletes the paths in `delete`; returns (number, url).
 
-    Tried once: a commit that opens a pull request is not idempotent (after a 5xx or a dropped
-    connection it may have landed), so the caller looks for it before trying again."""
+    Not idempotent: after a 5xx, a timeout or a dropped connection it may have landed, or may
+    still land, so it is tried again only after a 429; the caller looks for it instead."""
     from huggingface_hub import CommitOperationDelete
 
     operations = _operations(files) + [CommitOperationDelete(path_in_repo=p) for p in delete]
     info = with_retries(lambda: api().create_commit(
         repo, operations, commit_message=title, commit_description=description,
         create_pr=True, parent_commit=parent_commit), f"opening a pull request on {repo}",
-        attempts=1)
+        idempotent=False)
     return int(info.pr_num), str(info.pr_url)
 
 

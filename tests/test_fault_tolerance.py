@@ -220,6 +220,27 @@ def test_the_pull_request_is_never_opened_twice(world, bot, tmp_path_factory):
     assert len(list(frank.get_repo_discussions(repo, author=BOT))) == 1
 
 
+def test_a_pull_request_commit_that_times_out_is_never_sent_again(world, bot):
+    base, repo, sha = seed(world, "slow-pr", tags=[OPT_IN_TAG])
+    s = settings(world, base, [repo], bot, "hub.read_timeout=1")
+    hub = world[0]
+    # the client gives up after 1 s; the Hub goes on and opens the pull request at 3 s
+    slow = hub.add_fault(Fault("hang", method="POST", path=rf"^/api/models/{repo}/commit/",
+                               seconds=3, first=1))
+    (first,) = run_once(s, bot).processed
+    assert slow.injected == 1 and first.status == "deferred"  # not sent a second time
+    frank = HfApi(endpoint=hub.url, token="hf_frank_token")
+    deadline = time.monotonic() + 30
+    while not list(frank.get_repo_discussions(repo, author=BOT)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    waiting = entry(bot, repo, sha)
+    time.sleep(max(0.0, waiting.retry_at.timestamp() - time.time()) + 0.1)
+    (second,) = run_once(s, bot).processed  # its next claim finds the one that landed
+    assert second.status == "published" and "already open" in second.reason
+    assert len(list(frank.get_repo_discussions(repo, author=BOT))) == 1
+
+
 def test_a_failed_feed_push_is_pushed_later_without_redoing_anything(world, bot):
     base, repo, sha = seed(world, "feed-outage")
     s = settings(world, base, [repo], bot)

@@ -111,20 +111,22 @@ def _pull_request(candidate, report, files, common, settings) -> Publication:
              and s.rfilename not in files]
     title, description = cards.pull_request_text(report, opt_in_tag=settings.watch.opt_in_tag,
                                                  **common)
-    for attempt in range(1, hub.attempts() + 1):
-        try:
-            _, url = hub.open_pull_request(candidate.repo, files, f"{title} {marker}",
-                                           description, parent_commit=candidate.revision,
-                                           delete=stale)
-            return Publication("pull-request", report.selection.reason, {"pull_request": url})
-        except SafeguardError as e:
-            if not e.transient or attempt == hub.attempts():
-                raise
+    try:
+        _, url = hub.open_pull_request(candidate.repo, files, f"{title} {marker}", description,
+                                       parent_commit=candidate.revision, delete=stale)
+        return Publication("pull-request", report.selection.reason, {"pull_request": url})
+    except SafeguardError as e:
+        if not e.transient:
+            raise
+        # the commit may have landed, or may still land (a request that timed out here can
+        # still be running there): look for it, and never commit again within this claim;
+        # if it does not show up, the candidate is deferred and its next claim looks first
+        for attempt in range(1, hub.attempts() + 1):
             time.sleep(hub.backoff_seconds(attempt))
-            landed = _existing_pull_request(candidate.repo, me, marker)  # it may have
+            landed = _existing_pull_request(candidate.repo, me, marker)
             if landed is not None:
                 return landed
-    raise AssertionError("unreachable")
+        raise
 
 
 def _is_weights(name: str) -> bool:
