@@ -10,22 +10,26 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
 from bot import __version__
+from bot.cli_output import (
+    emit,
+    err,
+    log_to_stderr,
+    outcome_line,
+    print_cycle,
+    print_demo,
+    print_sweep,
+)
 from bot.errors import SafeguardError
-
-if TYPE_CHECKING:
-    from bot.results import CandidateOutcome, CycleResult, DemoResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Restore the safety of fine-tuned chat models by merging with their base.")
-err = Console(stderr=True, soft_wrap=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object, no progress.")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="Settings file (TOML).")]
@@ -48,22 +52,6 @@ def _known_method(name: str | None) -> str | None:
 MethodOption = typer.Option(
     callback=_known_method, help="Merge method: a name in the registry of bot/merge/methods.py "
     "(an unknown name is refused with the list); default linear.")
-
-
-def _emit(result, as_json: bool, human: Callable[[Any], None]) -> None:
-    """One JSON object on stdout (a result's `to_dict()`, or the dict itself), or `human`'s
-    rendering of the result on stderr."""
-    if as_json:
-        print(json.dumps(result if isinstance(result, dict) else result.to_dict()))
-    else:
-        human(result)
-
-
-def _log(quiet: bool) -> Callable[[str], None]:
-    """Progress messages on stderr, as they are (no markup), or none with --json."""
-    if quiet:
-        return lambda _: None
-    return lambda message: err.print(message, markup=False, highlight=False)
 
 
 @contextmanager
@@ -121,7 +109,7 @@ def merge(
                        device, as_adapter, allow_pickle, overwrite)
     with _progress("merging", as_json, in_bytes=True) as progress:
         result = merge_refs(req, progress=progress, quiet=as_json)
-    _emit(result, as_json, lambda r: err.print(
+    emit(result, as_json, lambda r: err.print(
         f"merged {r.merged_tensors}/{r.tensors} tensors ({r.method}, lambda {r.weight}) "
         f"into {r.out}: {len(r.files)} file(s), {r.bytes / 1e6:.1f} MB in {r.seconds:.1f} s"))
 
@@ -142,34 +130,8 @@ def demo(
 
     _quiet_libraries()
     with _local_hub_errors():
-        result = run_demo(workdir, zoo, log=_log(as_json))
-    _emit(result, as_json, _print_demo)
-
-
-def _print_demo(r: DemoResult) -> None:
-    from rich.table import Table
-
-    from bot.results import Processed
-
-    _print_cycle(r.cycle)
-    table = Table(title="merged and published")
-    for column in ("fine-tune", "decision", "lambda", "ASR before", "ASR after", "retention",
-                   "link"):
-        table.add_column(column)
-    for p in r.cycle.processed:
-        if not isinstance(p, Processed):
-            continue
-        link = next(iter(p.publication.links.values()), "")
-        table.add_row(p.repo, p.publication.decision, str(p.selection.weight),
-                      f"{p.asr.finetune:.2f}",
-                      "" if p.asr.merged is None else f"{p.asr.merged:.2f}",
-                      "" if p.retention is None else f"{p.retention:.2f}", link)
-    if table.rows:
-        err.print(table)
-    err.print(f"demo done in {r.total_seconds} s; browse the hub with `safeguard-bot hub "
-              f"serve {r.hub}`; run the demo again and nothing new is published.",
-              markup=False)
-
+        result = run_demo(workdir, zoo, log=log_to_stderr(as_json))
+    emit(result, as_json, print_demo)
 
 
 @app.command()
@@ -204,27 +166,7 @@ def sweep(
     if report:
         json_path, png_path = write_report(result, report)
         out["report"], out["plot"] = str(json_path), str(png_path)
-    _emit(out, as_json, _print_sweep)
-
-
-def _print_sweep(r: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"{r['method']} merge of {r['base']} and {r['finetune']}")
-    for column in ("lambda", "ASR", "over-refusal", "task", "retention"):
-        table.add_column(column, justify="right")
-    chosen = r["selection"]["weight"]
-    for p in [r["base_point"], *r["points"], r["finetune_point"]]:
-        mark = " *" if p["weight"] == chosen else ""
-        table.add_row(f"{p['weight']}{mark}", f"{p['asr']:.2f}", f"{p['over_refusal']:.2f}",
-                      f"{p['task']:.2f}", f"{p['retention']:.2f}")
-    err.print(table)
-    verdict = "publish" if r["selection"]["publish"] else "no publish"
-    err.print(f"{verdict}: {r['selection']['reason']}", markup=False)
-    err.print(f"task: {r['task']}; judge: {r['judge']}; {r['timings']['total_seconds']} s",
-              markup=False)
-    if "report" in r:
-        err.print(f"report: {r['report']}, plot: {r['plot']}", markup=False)
+    emit(out, as_json, print_sweep)
 
 
 hub_app = typer.Typer(no_args_is_help=True, help="The local Hub-compatible server.")
@@ -308,7 +250,7 @@ def zoo_build(
 
     hf_logging.disable_progress_bar()
     recipe = Recipe.with_overrides(overrides or [])
-    report = build_zoo(directory, recipe, force=force, log=_log(as_json))
+    report = build_zoo(directory, recipe, force=force, log=log_to_stderr(as_json))
 
     def human(r: dict) -> None:
         cached = " (cached)" if r["cached"] else ""
@@ -319,7 +261,7 @@ def zoo_build(
             for point in m.get("curve", []):
                 err.print(f"      lambda {point['weight']}: {point}")
 
-    _emit(report, as_json, human)
+    emit(report, as_json, human)
 
 
 @app.command()
@@ -344,9 +286,9 @@ def run(
     _quiet_libraries()
     settings = load_settings(config, overrides or [])
     with _stop_on_sigterm(settings, workdir) as stopping:
-        result = run_once(settings, workdir, discover_only, log=_log(as_json),
+        result = run_once(settings, workdir, discover_only, log=log_to_stderr(as_json),
                           stop=stopping.is_set)
-    _emit(result, as_json, _print_cycle)
+    emit(result, as_json, print_cycle)
 
 
 @app.command()
@@ -387,8 +329,9 @@ def process(
     _quiet_libraries()
     settings = load_settings(config, overrides or [])
     with _stop_on_sigterm(settings, workdir) as stopping:
-        result = process_one(ref, settings, workdir, log=_log(as_json), stop=stopping.is_set)
-    _emit(result, as_json, lambda r: err.print(_outcome_line(r), markup=False))
+        result = process_one(ref, settings, workdir, log=log_to_stderr(as_json),
+                             stop=stopping.is_set)
+    emit(result, as_json, lambda r: err.print(outcome_line(r), markup=False))
     if result.status in PROCESS_EXIT:
         raise typer.Exit(PROCESS_EXIT[result.status])
 
@@ -439,34 +382,6 @@ def _quiet_libraries() -> None:
     hub.hide_progress_bars()
 
 
-def _outcome_line(outcome: CandidateOutcome) -> str:
-    """One candidate's outcome for people: status, decision, reason, links."""
-    from bot.results import Processed
-
-    line = f"{outcome.repo}@{outcome.revision[:8]}: {outcome.status}"
-    links: dict[str, str] = {}
-    if isinstance(outcome, Processed):
-        line += f" ({outcome.publication.decision})"
-        links = outcome.publication.links
-    line += f": {outcome.reason}"
-    return line + "".join(f"\n    {k}: {v}" for k, v in links.items())
-
-
-def _print_cycle(r: CycleResult) -> None:
-    found = r.discovery
-    err.print(f"{len(found.candidates)} new candidate(s), {len(found.skips)} skipped, "
-              f"{found.already_seen} already seen, {found.deferred} deferred; "
-              f"{len(r.processed)} processed ({r.seconds} s)", markup=False)
-    for s in found.skips:
-        err.print(f"  skip {s.repo}@{s.revision[:8]}: {s.reason}", markup=False)
-    for x in found.later:
-        err.print(f"  later {x.repo}@{x.revision[:8]}: {x.reason}", markup=False)
-    for error in found.errors:
-        err.print(f"  error {error}", markup=False)
-    for p in r.processed:
-        err.print("  " + _outcome_line(p), markup=False)
-
-
 @app.command("serve-webhooks")
 def serve_webhooks(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -486,7 +401,7 @@ def serve_webhooks(
 
     settings = load_settings(config, overrides or [])
     server = WebhookServer(settings, workdir, resolve_secret(settings), host, port,
-                           log=_log(quiet=False))
+                           log=log_to_stderr(quiet=False))
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     server.start()

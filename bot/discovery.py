@@ -201,15 +201,9 @@ def examine(info, base: str, relation: str, base_config: dict | None,
         return skip(f"could not read {config_name}: {_definitive(e)}")
     if config is None:
         return skip(f"no {config_name}")
-    if kind == "model":
-        if "auto_map" in config:
-            return skip("needs remote code (auto_map in config.json), which the bot never runs")
-        quant = config.get("quantization_config")
-        if isinstance(quant, dict):
-            return skip(f"quantized ({quant.get('quant_method', 'quantization_config')})")
-        reason = architecture_mismatch(config, base_config)
-        if reason:
-            return skip(reason)
+    reason = _config_refused(config, base_config) if kind == "model" else None
+    if reason:
+        return skip(reason)
     opted_in = settings.watch.opt_in_tag in tags
     action = "pull-request" if opted_in else settings.publish.unopted
     if action == "skip":
@@ -218,6 +212,17 @@ def examine(info, base: str, relation: str, base_config: dict | None,
     modified = getattr(detail, "last_modified", None)
     return Candidate(repo, detail.sha or info.sha or "", base, kind, action, size, license_id,
                      modified.isoformat() if modified else None)
+
+
+def _config_refused(config: dict, base_config: dict | None) -> str | None:
+    """Why a full model's config.json rules it out (remote code, quantized, another
+    architecture than the base's), or None."""
+    if "auto_map" in config:
+        return "needs remote code (auto_map in config.json), which the bot never runs"
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict):
+        return f"quantized ({quant.get('quant_method', 'quantization_config')})"
+    return architecture_mismatch(config, base_config)
 
 
 def _can_read(repo: str, revision: str | None) -> bool:

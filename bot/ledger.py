@@ -28,17 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from bot.database import add_missing_columns, create_engine, to_url
 from bot.errors import LedgerError, UsageError
 
 STATUSES = ("queued", "running", "published", "skipped", "failed")
 FINISHED = ("published", "skipped", "failed")  # the statuses finish() accepts
 KINDS = ("model", "adapter")
-DEFAULT_FILE = "ledger.sqlite"  # the file used when the ledger is given a directory
-SQLITE_BUSY_TIMEOUT_S = 60  # a writer waits this long for another process's transaction
 SCHEMA_LOCK = 0x5AFE_6DA2  # PostgreSQL advisory lock serializing concurrent schema creation
 CLAIM_TRIES = 8
 
@@ -133,16 +131,16 @@ class Ledger:
         self.max_attempts = max_attempts
         self.lease = timedelta(seconds=lease_seconds)
         self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
-        self.url = _to_url(url)
+        self.url = to_url(url)
         self._shown = self.url.render_as_string(hide_password=True)
         self._sqlite = self.url.get_backend_name() == "sqlite"
-        self._engine = _create_engine(self.url)
+        self._engine = create_engine(self.url)
         self._insert = sqlite.insert if self._sqlite else postgresql.insert
         with self._tx() as conn:
             if not self._sqlite:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK)))
             metadata.create_all(conn)
-            _add_missing_columns(conn)
+            add_missing_columns(conn, table)
 
     def __repr__(self) -> str:
         return f"Ledger({self._shown!r})"
@@ -445,67 +443,3 @@ def _entry(row: sa.Row[Any]) -> Entry:
         claimed_at=_aware(row.claimed_at), expires_at=_aware(row.expires_at),
         retry_at=_aware(row.retry_at), deferrals=row.deferrals or 0,
         feed_pending=row.feed_pending, token=row.token)
-
-
-def _add_missing_columns(conn: Connection) -> None:
-    """A ledger made by an earlier version gets the columns added since (all nullable or
-    defaulted, so its rows stay as they were)."""
-    present = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
-    for column in table.columns:
-        if column.name not in present:
-            kind = column.type.compile(dialect=conn.dialect)
-            default = f" DEFAULT {column.server_default.arg}" if column.server_default else ""
-            conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" '
-                                 f"{kind}{default}{'' if column.nullable else ' NOT NULL'}")
-
-
-def _to_url(url: str | Path) -> sa.URL:
-    """A path becomes a SQLite file URL; a URL is checked for a supported backend."""
-    if isinstance(url, Path) or "://" not in url:
-        path = Path(url).expanduser()
-        if path.is_dir():
-            path = path / DEFAULT_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return sa.URL.create("sqlite+pysqlite", database=str(path.resolve()))
-    try:
-        parsed = sa.make_url(url)
-    except sa.exc.ArgumentError as e:
-        raise UsageError(f"not a ledger path or database URL: {url!r} ({e})") from e
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    backend = parsed.get_backend_name()
-    if backend not in ("sqlite", "postgresql"):
-        raise UsageError(f"the ledger runs on SQLite or PostgreSQL, not {backend!r} ({url})")
-    if backend == "sqlite":
-        if parsed.database in (None, "", ":memory:"):
-            raise UsageError("the ledger must outlive the process: give SQLite a file")
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return parsed
-
-
-def _create_engine(url: sa.URL) -> sa.Engine:
-    """An engine; SQLite gets WAL, a busy timeout and transactions begun by us."""
-    if url.get_backend_name() == "postgresql":
-        try:
-            return sa.create_engine(url, pool_pre_ping=True)
-        except ImportError as e:
-            raise LedgerError(f"a PostgreSQL ledger needs the psycopg driver ({e}): "
-                              "pip install 'safeguard-bot[postgres]'") from e
-    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # the driver begins nothing; _begin below does
-        cursor = dbapi_conn.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        # A write transaction takes the write lock up front (waiting up to the busy timeout),
-        # so its reads and its compare-and-set update see the same, latest state.
-        read = conn.get_execution_options().get("ledger_read", False)
-        conn.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
-
-    return engine

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bot import hub
+from bot import hub, hub_calls
 from bot.errors import GoneError, HubError, TransientHubError
 
 
@@ -37,14 +37,14 @@ def flaky(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub, "_limits", hub.Limits())  # the defaults, whatever ran before
+    monkeypatch.setattr(hub_calls, "_limits", hub_calls.Limits())  # the defaults, always
     yield server
     server.shutdown()
 
 
 def test_retries_429_and_5xx_honouring_retry_after(flaky, monkeypatch):
     waits = []
-    monkeypatch.setattr(hub.time, "sleep", waits.append)
+    monkeypatch.setattr(hub_calls.time, "sleep", waits.append)
     flaky.script[:] = [(429, {"Retry-After": "7"}), (503, {}), (502, {})]
     info = hub.model_info("org/model")
     assert info.sha == "a" * 40
@@ -55,7 +55,7 @@ def test_retries_429_and_5xx_honouring_retry_after(flaky, monkeypatch):
 
 def test_a_rate_limit_waits_for_its_reset(flaky, monkeypatch):
     waits = []
-    monkeypatch.setattr(hub.time, "sleep", waits.append)
+    monkeypatch.setattr(hub_calls.time, "sleep", waits.append)
     flaky.script[:] = [(429, {"RateLimit": '"api";r=0;t=42',
                               "RateLimit-Policy": '"fixed window";"api";q=500;w=300'})]
     assert hub.model_info("org/model").sha == "a" * 40
@@ -63,19 +63,19 @@ def test_a_rate_limit_waits_for_its_reset(flaky, monkeypatch):
 
 
 def test_gives_up_after_the_last_attempt(flaky, monkeypatch):
-    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
-    flaky.script[:] = [(500, {})] * hub.MAX_ATTEMPTS
+    monkeypatch.setattr(hub_calls.time, "sleep", lambda s: None)
+    flaky.script[:] = [(500, {})] * hub_calls.MAX_ATTEMPTS
     with pytest.raises(TransientHubError, match="answered 500") as e:
         hub.model_info("org/model")
     assert e.value.transient  # an outage: the caller tries again later
-    assert len(flaky.seen) == hub.MAX_ATTEMPTS
+    assert len(flaky.seen) == hub_calls.MAX_ATTEMPTS
 
 
 @pytest.mark.parametrize("status, error, message", [
     (401, HubError, "HF_TOKEN"), (403, HubError, "HF_TOKEN"),
     (404, GoneError, "not found")])
 def test_clear_errors_without_retrying(flaky, monkeypatch, status, error, message):
-    monkeypatch.setattr(hub.time, "sleep", lambda s: pytest.fail("no retry expected"))
+    monkeypatch.setattr(hub_calls.time, "sleep", lambda s: pytest.fail("no retry expected"))
     flaky.script[:] = [(status, {})]
     with pytest.raises(error, match=message):
         hub.model_info("org/model")

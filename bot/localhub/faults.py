@@ -13,6 +13,7 @@ import math
 import random
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -184,16 +185,7 @@ class Fault:
             raise bad("give exactly one of status=CODE, hang=SECONDS or drop")
 
         def number(key: str, convert: type) -> int | float | None:
-            if key not in items:
-                return None
-            try:
-                value = convert(items[key])
-            except ValueError:
-                what = "an integer" if convert is int else "a number"
-                raise bad(f"{key} wants {what}, not {items[key]!r}") from None
-            if convert is float and not math.isfinite(value):
-                raise bad(f"{key} wants a finite number, not {items[key]!r}")
-            return value
+            return _number(items, key, convert, bad)
 
         status, hang, reset = number("status", int), number("hang", float), number("reset", float)
         for key, value in (("hang", hang), ("reset", reset)):
@@ -212,6 +204,21 @@ class Fault:
             return cls(kinds[0], **kwargs)  # type: ignore[arg-type]
         except LocalHubUsageError as e:
             raise bad(str(e).removeprefix("a fault's ")) from None
+
+
+def _number(items: dict[str, str], key: str, convert: type,
+            bad: Callable[[str], LocalHubUsageError]) -> int | float | None:
+    """The spec's `key` as an int or a finite float; None when absent."""
+    if key not in items:
+        return None
+    try:
+        value = convert(items[key])
+    except ValueError:
+        what = "an integer" if convert is int else "a number"
+        raise bad(f"{key} wants {what}, not {items[key]!r}") from None
+    if convert is float and not math.isfinite(value):
+        raise bad(f"{key} wants a finite number, not {items[key]!r}")
+    return value
 
 
 def _is_int(value: object) -> bool:

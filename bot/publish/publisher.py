@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from bot import __version__, hub
+from bot import __version__, hub, hub_calls
 from bot.config import Settings
 from bot.errors import SafeguardError
 from bot.publish import card as cards
@@ -121,8 +121,8 @@ def _pull_request(candidate, report, files, common, settings) -> Publication:
         # the commit may have landed, or may still land (a request that timed out here can
         # still be running there): look for it, and never commit again within this claim;
         # if it does not show up, the candidate is deferred and its next claim looks first
-        for attempt in range(1, hub.attempts() + 1):
-            time.sleep(hub.backoff_seconds(attempt))
+        for attempt in range(1, hub_calls.attempts() + 1):
+            time.sleep(hub_calls.backoff_seconds(attempt))
             landed = _existing_pull_request(candidate.repo, me, marker)
             if landed is not None:
                 return landed
