@@ -38,6 +38,7 @@ def sweep_refs(base_ref: str, finetune_ref: str, settings: Settings,
                progress: StepProgress | None = None) -> SweepReport:
     """`sweep` with base and fine-tune given as directories or Hub ids[@revision]; the report
     names them as given."""
+    hub.configure(settings.hub)
     base_dir = hub.resolve_model(base_ref, quiet=True)
     finetune_dir = hub.resolve_model(finetune_ref, quiet=True)
     return sweep_dirs(base_dir, finetune_dir, settings, progress, (base_ref, finetune_ref))
