@@ -9,7 +9,6 @@ takes the [hub] settings for the process.
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 CONFLICT_STATUS = (409, 412)  # another writer committed first: read the head again, retry
 MAX_ATTEMPTS = 5
 MAX_WAIT_SECONDS = 300.0  # the longest wait for a rate limit's reset before the next try
-log = logging.getLogger("safeguard")
+
 
 @dataclass(frozen=True)
 class Limits:
