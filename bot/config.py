@@ -12,8 +12,16 @@ import tomllib
 import typing
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
 from bot.errors import InputNotFoundError, UsageError
 
@@ -74,6 +82,8 @@ class PolicySettings(_Section):
 
 # owners who want a pull request tag their repo with it (the default of watch.opt_in_tag)
 OPT_IN_TAG = "safeguard"
+# owners who want the bot to leave their repo alone tag it with this (watch.opt_out_tag)
+OPT_OUT_TAG = "safeguard-opt-out"
 # the safety-aligned instruct models of the paper (BACKGROUND.md)
 PAPER_BASES = [
     "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct",
@@ -88,6 +98,9 @@ class WatchSettings(_Section):
     bases: list[str] = PAPER_BASES
     relations: list[Literal["finetune", "adapter"]] = ["finetune", "adapter"]
     opt_in_tag: str = OPT_IN_TAG  # owners who want a pull request tag their repo with it
+    opt_out_tag: str = OPT_OUT_TAG  # owners who want no variant and no feed line tag it so
+    # gated fine-tunes are candidates only when this is on (private ones never are)
+    include_gated: bool = False
     max_candidates: int = Field(20, ge=1)  # new candidates per cycle (the rest wait)
     scan_per_base: int = Field(200, ge=1)  # newest repos looked at per base and relation
     max_model_gb: float = Field(20.0, gt=0)  # larger fine-tunes are skipped
@@ -126,6 +139,11 @@ class LedgerSettings(_Section):
     # all, longer than a one-hour outage)
     retry_seconds: float = Field(600, ge=0)
     max_retry_seconds: float = Field(6 * 3600, ge=0)
+
+    @field_serializer("url")
+    def _masked(self, url: str | None) -> str | None:
+        """Dumps (sweep reports, `settings`) never carry the database's password."""
+        return without_password(url)
 
 
 class HubSettings(_Section):
@@ -173,6 +191,21 @@ class Settings(_Section):
     hub: HubSettings = HubSettings()
     webhooks: WebhookSettings = WebhookSettings()
     daemon: DaemonSettings = DaemonSettings()
+
+
+def without_password(url: str | None) -> str | None:
+    """A URL with its password replaced by ***; anything else as it is."""
+    if not url or "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
 
 
 def load_settings(path: Path | None = None, overrides: list[str] | None = None) -> Settings:

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 
+from bot.config import without_password
 from bot.errors import LedgerError, UsageError
 
 DEFAULT_FILE = "ledger.sqlite"  # the file used when the ledger is given a directory
@@ -40,12 +41,13 @@ def to_url(url: str | Path) -> sa.URL:
     try:
         parsed = sa.make_url(url)
     except sa.exc.ArgumentError as e:
-        raise UsageError(f"not a ledger path or database URL: {url!r} ({e})") from e
+        raise UsageError(f"not a ledger path or database URL: {without_password(url)!r}") from e
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
-        raise UsageError(f"the ledger runs on SQLite or PostgreSQL, not {backend!r} ({url})")
+        raise UsageError(f"the ledger runs on SQLite or PostgreSQL, not {backend!r} "
+                         f"({without_password(url)})")
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             raise UsageError("the ledger must outlive the process: give SQLite a file")

@@ -12,6 +12,7 @@ trusted: only the Hub's derived tags, the file list and the JSON configs are rea
 from __future__ import annotations
 
 import logging
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -86,9 +87,19 @@ class Discovery:
 
 
 def one_line(e: BaseException) -> str:
-    """An error as one line: the bot's own message, else its type and first line."""
+    """An error as one printable line: the bot's own message, else its type and first line."""
     text = str(e).splitlines()[0] if str(e).strip() else ""
-    return text if isinstance(e, SafeguardError) else f"{type(e).__name__}: {text}".rstrip(": ")
+    return printable(text if isinstance(e, SafeguardError)
+                     else f"{type(e).__name__}: {text}".rstrip(": "))
+
+
+def printable(text: str, limit: int = 500) -> str:
+    """Text from strangers (config values, error messages) made safe to print in a log, a
+    CI summary or a feed: no control characters (no new lines, no terminal escapes), no
+    "::" (a GitHub Actions workflow command), at most `limit` characters."""
+    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
+    text = text.replace("::", ": :").strip()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def discover(settings: Settings,
@@ -163,14 +174,22 @@ def examine(info, base: str, relation: str, base_config: dict | None,
     kind = "adapter" if relation == "adapter" else "model"
 
     def skip(reason: str) -> Skip:
-        return Skip(repo, info.sha or "", base, kind, reason)
+        return Skip(repo, info.sha or "", base, kind, printable(reason))
 
-    if getattr(info, "gated", False) and not _can_read(repo, info.sha):
-        return skip("gated, and this token has no access")
+    if getattr(info, "private", False):
+        return skip("private: the bot never republishes a private repo")
+    if getattr(info, "gated", False):
+        if not w.include_gated:
+            return skip("gated (watch.include_gated is off)")
+        if not _can_read(repo, info.sha):
+            return skip("gated, and this token has no access")
     try:
         detail = detail or hub.model_info(repo, revision=info.sha)
     except SafeguardError as e:
         return skip(f"could not read the repo: {_definitive(e)}")
+    refused = withheld(detail, settings)
+    if refused:
+        return skip(refused)
     files = {s.rfilename: (s.size or 0) for s in detail.siblings or []}
     names = [f.lower() for f in files]
     if "adapter_config.json" in files:
@@ -212,6 +231,19 @@ def examine(info, base: str, relation: str, base_config: dict | None,
     modified = getattr(detail, "last_modified", None)
     return Candidate(repo, detail.sha or info.sha or "", base, kind, action, size, license_id,
                      modified.isoformat() if modified else None)
+
+
+def withheld(detail, settings: Settings) -> str | None:
+    """Why the owner's wishes keep this repo out (private, gated, opted out), or None; asked at
+    discovery and again, of the repo's head, just before publishing."""
+    w = settings.watch
+    if getattr(detail, "private", False):
+        return "private: the bot never republishes a private repo"
+    if getattr(detail, "gated", False) and not w.include_gated:
+        return "gated (watch.include_gated is off)"
+    if w.opt_out_tag in (detail.tags or []):
+        return f"opted out (tagged '{w.opt_out_tag}')"
+    return None
 
 
 def _config_refused(config: dict, base_config: dict | None) -> str | None:

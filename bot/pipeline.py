@@ -373,8 +373,10 @@ def process(candidate: Candidate, settings: Settings, workdir: Path,
             shutil.rmtree(merged, ignore_errors=True)
     record = feed.record(candidate.repo, candidate.revision, candidate.base,
                          publication.decision, publication.reason, report, publication.links)
-    with timer.step("feed"):
-        pending = _try_feed(settings, workdir, [record], log)
+    pending = None
+    if publication.decision != "withheld":  # its owner keeps it out of the feed too
+        with timer.step("feed"):
+            pending = _try_feed(settings, workdir, [record], log)
     return Processed(
         candidate, publication, report.selection,
         AsrChange(report.base_point.asr, report.finetune_point.asr, record.asr_merged),

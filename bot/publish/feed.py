@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -144,6 +145,11 @@ def read_local(directory: Path) -> list[dict]:
     return rows
 
 
+def _xml_text(value: object) -> str:
+    """A value as text XML 1.0 can hold: control characters (but tab and new line) dropped."""
+    return re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]", "", str(value))
+
+
 def atom(rows: list[dict], feed_id: str = "urn:safeguard-bot:results") -> str:
     """An Atom feed, newest first (the XML writer escapes every value)."""
     ns = "http://www.w3.org/2005/Atom"
@@ -158,10 +164,11 @@ def atom(rows: list[dict], feed_id: str = "urn:safeguard-bot:results") -> str:
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["time"], i), reverse=True)
     for r in (rows[i] for i in order):  # newest first; same second: later record first
         entry = ET.SubElement(feed, f"{{{ns}}}entry")
-        ET.SubElement(entry, f"{{{ns}}}title").text = f"{r['repo']}: {r['decision']}"
-        ET.SubElement(entry, f"{{{ns}}}id").text = f"{feed_id}:{r['repo']}@{r['revision']}"
-        ET.SubElement(entry, f"{{{ns}}}updated").text = r["time"]
-        ET.SubElement(entry, f"{{{ns}}}summary").text = r["reason"]
+        ET.SubElement(entry, f"{{{ns}}}title").text = _xml_text(f"{r['repo']}: {r['decision']}")
+        ET.SubElement(entry, f"{{{ns}}}id").text = _xml_text(f"{feed_id}:{r['repo']}@"
+                                                             f"{r['revision']}")
+        ET.SubElement(entry, f"{{{ns}}}updated").text = _xml_text(r["time"])
+        ET.SubElement(entry, f"{{{ns}}}summary").text = _xml_text(r["reason"])
         for rel, href in sorted(r.get("links", {}).items()):
             if not (isinstance(href, str) and href.startswith(("https://", "http://"))):
                 continue
@@ -179,7 +186,8 @@ def leaderboard(rows: list[dict], templates_dir: str | None = None) -> str:
         latest[r["repo"]] = r  # the newest record per repo
     ordered = sorted(latest.values(), key=lambda r: (r.get("asr_merged") is None,
                                                      r.get("asr_merged") or 0))
-    table = [{"cells": ["" if r.get(key) is None else r[key] for key, _ in COLUMNS],
+    table = [{"cells": ["" if r.get(key) is None else _xml_text(r[key]) if isinstance(r[key], str)
+                        else r[key] for key, _ in COLUMNS],
               "href": _safe_link(r.get("links", {}))} for r in ordered]
     return render("leaderboard.html.j2", templates_dir, headers=[h for _, h in COLUMNS],
                   rows=table, generated=datetime.now(UTC).isoformat(timespec="seconds"))

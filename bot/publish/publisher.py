@@ -17,14 +17,16 @@ from typing import Literal
 
 from bot import __version__, hub, hub_calls
 from bot.config import Settings
+from bot.discovery import withheld
 from bot.errors import SafeguardError
 from bot.publish import card as cards
 
 PLOT_FILE = "sweep.png"
 # what was done with a selected merge: a pull request on the fine-tune, a variant repo, only a
 # line in the feed, or nothing (the sweep found no merge worth publishing)
-# "declined": the owner closed the bot's pull request for this revision
-Decision = Literal["pull-request", "variant", "feed-only", "no-publish", "declined"]
+# "declined": the owner closed the bot's pull request for this revision; "withheld": the repo
+# became private, gated or opted out after it was found (not in the feed either)
+Decision = Literal["pull-request", "variant", "feed-only", "no-publish", "declined", "withheld"]
 PUBLISHED: tuple[Decision, ...] = ("pull-request", "variant")
 
 
@@ -58,6 +60,9 @@ def publish(candidate, report, merged: Path | None, plot: Path | None,
                                         "publish.variant_licenses, so no variant is published")
     if action == "feed-only":
         return Publication("feed-only", "not opted in; publish.unopted is feed-only")
+    refused = withheld(hub.model_info(candidate.repo), settings)  # its head, now
+    if refused:
+        return Publication("withheld", f"{refused} (since it was found); nothing published")
     base_revision = _base_revision(candidate.base)
     common = {"base_repo": candidate.base, "base_revision": base_revision,
               "finetune_repo": candidate.repo, "finetune_revision": candidate.revision,
