@@ -176,13 +176,11 @@ def examine(info, base: str, relation: str, base_config: dict | None,
     def skip(reason: str) -> Skip:
         return Skip(repo, info.sha or "", base, kind, printable(reason))
 
-    if getattr(info, "private", False):
-        return skip("private: the bot never republishes a private repo")
-    if getattr(info, "gated", False):
-        if not w.include_gated:
-            return skip("gated (watch.include_gated is off)")
-        if not _can_read(repo, info.sha):
-            return skip("gated, and this token has no access")
+    refused = withheld(info, settings) or (
+        "gated, and this token has no access"
+        if getattr(info, "gated", False) and not _can_read(repo, info.sha) else None)
+    if refused:
+        return skip(refused)
     try:
         detail = detail or hub.model_info(repo, revision=info.sha)
     except SafeguardError as e:
@@ -197,11 +195,7 @@ def examine(info, base: str, relation: str, base_config: dict | None,
     tags = set(detail.tags or [])
     weights = [f for f in files if f.endswith(".safetensors")]
     if not weights:
-        if any(n.endswith(QUANTIZED_FILES) for n in names):
-            return skip("quantized (GGUF), no full-precision safetensors weights")
-        if any(n.endswith(PICKLE_SUFFIXES) for n in names):
-            return skip("only pickle weights (.bin/.pt), which the bot never loads")
-        return skip("no weights in safetensors format")
+        return skip(_without_safetensors(names))
     if f"base_model:quantized:{base}" in tags:
         return skip("quantized (declared base_model_relation: quantized)")
     license_id = _license(detail)
@@ -231,6 +225,15 @@ def examine(info, base: str, relation: str, base_config: dict | None,
     modified = getattr(detail, "last_modified", None)
     return Candidate(repo, detail.sha or info.sha or "", base, kind, action, size, license_id,
                      modified.isoformat() if modified else None)
+
+
+def _without_safetensors(names: list[str]) -> str:
+    """Why a repo without safetensors weights is skipped, from its (lower-case) file names."""
+    if any(n.endswith(QUANTIZED_FILES) for n in names):
+        return "quantized (GGUF), no full-precision safetensors weights"
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        return "only pickle weights (.bin/.pt), which the bot never loads"
+    return "no weights in safetensors format"
 
 
 def withheld(detail, settings: Settings) -> str | None:
