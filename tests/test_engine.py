@@ -114,6 +114,20 @@ def test_output_is_a_loadable_hf_model(pair, tmp_path):
     torch.testing.assert_close(model.model.layers[1].mlp.down_proj.weight, expected)
 
 
+def test_no_remote_code_hook_is_copied(pair, tmp_path):
+    base, ft = pair
+    hooked = tmp_path / "hooked"
+    shutil.copytree(ft, hooked)
+    path = hooked / "tokenizer_config.json"
+    clean = json.loads(path.read_text())
+    path.write_text(json.dumps({**clean, "auto_map": {"AutoTokenizer": "evil/repo--tok.Evil"},
+                                "processor_class": "evil/repo--proc.Evil"}))
+    out = tmp_path / "merged"
+    _merge(base, hooked, out, weight=0.5)
+    assert json.loads((out / "tokenizer_config.json").read_text()) == clean
+    assert AutoTokenizer.from_pretrained(out) is not None  # no trust_remote_code needed
+
+
 def test_weight_endpoints_give_the_inputs(pair, tmp_path):
     base, ft = pair
     _merge(base, ft, tmp_path / "zero", weight=0.0)

@@ -281,6 +281,8 @@ def copy_aux_files(sources: list[Path], out: Path, dtype: torch.dtype | None) ->
             for file in source.glob(pattern):
                 if file.name not in NOT_COPIED and not file.name.startswith("adapter_"):
                     shutil.copyfile(file, out / file.name)
+    for file in out.glob("*.json"):
+        strip_remote_code(file)
     config = out / "config.json"
     if dtype is not None and config.exists():
         data = json.loads(config.read_text())
@@ -288,6 +290,24 @@ def copy_aux_files(sources: list[Path], out: Path, dtype: torch.dtype | None) ->
         keys = [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]
         data.update({k: name for k in keys})
         config.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def strip_remote_code(path: Path) -> list[str]:
+    """Remove what would make transformers run a repo's code from a copied JSON file: `auto_map`
+    and any `*_class` naming a module of a repo ("org/name--module.Class", "module.Class").
+    Returns the keys removed (the file is rewritten only then)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        return []
+    if not isinstance(data, dict):
+        return []
+    removed = [k for k, v in data.items() if k == "auto_map" or (
+        k.endswith("_class") and isinstance(v, str) and ("--" in v or "/" in v or "." in v))]
+    if removed:
+        path.write_text(json.dumps({k: v for k, v in data.items() if k not in removed},
+                                   indent=2) + "\n", encoding="utf-8")
+    return removed
 
 
 def tensor_generator(seed: int, name: str, device: str) -> torch.Generator:
