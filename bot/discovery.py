@@ -59,15 +59,10 @@ class Skip(FieldsAsJson):
 
 
 @dataclass(frozen=True)
-class Later(FieldsAsJson):
+class Later(Skip):
     """A repo at a revision that could not be judged now (the Hub failed for a while, or
-    examining it raised): queued with a retry time, judged again when it is claimed."""
-
-    repo: str
-    revision: str
-    base: str
-    kind: Kind
-    reason: str
+    examining it raised): not a skip, but queued with a retry time and judged again when it is
+    claimed. Its fields are a Skip's."""
 
 
 @dataclass(frozen=True)
