@@ -25,6 +25,7 @@ from typing import IO
 from bot.localhub.api import Api
 from bot.localhub.errors import LocalHubError, LocalHubUsageError
 from bot.localhub.faults import Fault
+from bot.localhub.limits import TIMEOUT
 from bot.localhub.server import Server
 from bot.localhub.store import Store
 
@@ -39,11 +40,17 @@ class LocalHub:
         page_size: the most items one page of a listing holds (models, datasets, trees,
             commits; discussions hold at most 50, like the Hub). Listings longer than a page
             carry a `Link: <...>; rel="next"` header. Can be changed while serving.
+        timeout: seconds a client may stay silent (before or within a request, or idle between
+            requests) before its connection is closed; taken by the next `start`.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, page_size: int = 1000):
+    def __init__(self, directory: str | os.PathLike, *, page_size: int = 1000,
+                 timeout: float = TIMEOUT):
         if page_size < 1:
             raise LocalHubUsageError("page_size must be at least 1")
+        if not timeout > 0:
+            raise LocalHubUsageError("timeout must be a positive number of seconds")
+        self.timeout = timeout
         self.directory = Path(directory)
         self.store = Store(self.directory)
         self._api = Api(self.store, page_size)
@@ -76,7 +83,7 @@ class LocalHub:
         self.store = Store(self.directory)
         self._api = Api(self.store, self._api.page_size)
         try:
-            self._server = Server((host, port), self._api, self._faults)
+            self._server = Server((host, port), self._api, self._faults, self.timeout)
         except OSError as e:
             self._unlock_directory()
             raise LocalHubError(f"cannot serve the local hub on {host}:{port}: {e}") from e

@@ -8,12 +8,14 @@ whose method and pattern match answers; a path no route matches is a 404 naming 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from urllib.parse import quote, unquote
 
-from bot.localhub import commits, discussions, listing, repos
+from bot.localhub import commits, discussions, limits, listing, repos
 from bot.localhub.errors import ApiError, not_found
 from bot.localhub.protocol import Query, Reply, Request
 from bot.localhub.store import Store
@@ -100,28 +102,61 @@ ROUTE_PATTERNS: list[tuple[str, str, RouteHandler]] = [
 ]
 # the routing table: (method, compiled path pattern, handler), tried in order
 ROUTES = [(method, re.compile(pattern), handler) for method, pattern, handler in ROUTE_PATTERNS]
+# routes whose body is read for anonymous callers too; the others answer them unread (401)
+ANONYMOUS_BODY = {listing.paths_info, repos.validate_yaml}
+# the most bytes a route's body may hold (limits.API_BODY for the others)
+BODY_LIMITS = {commits.commit: limits.COMMIT_BODY}
+# work done before the store's lock is taken (parsing cards and payloads)
+PREPARE: dict[RouteHandler, Callable[[Api, Request], None]] = {
+    listing.list_repos: listing.warm_listing, repos.info: repos.warm_info,
+    repos.info_at_revision: repos.warm_info, commits.commit: commits.prepare_commit}
+# routes that touch no stored state: answered without the store's lock
+UNLOCKED = {repos.validate_yaml}
 
 
 class Api:
-    """The hub's state for its routes (store, page size, the LFS URL secret); `handle` answers
-    one request."""
+    """The hub's state for its routes (store, page size, the LFS URL secret). The server asks
+    `route` which handler answers a request, reads its body when `reads_body` (at most
+    `body_limit` bytes), runs `prepare`, then the handler under `lock_for`."""
 
     def __init__(self, store: Store, page_size: int):
         self.store = store
         self.page_size = page_size
         self.secret = secrets.token_bytes(32)
 
-    def handle(self, method: str, path: str, query: Query, body: bytes, user: str | None,
-               base: str, content_type: str, byte_range: str | None = None) -> Reply:
-        """Answer one request whose body has been read (everything but LFS uploads)."""
+    def route(self, method: str, path: str, query: Query, user: str | None, base: str,
+              content_type: str, byte_range: str | None = None
+              ) -> tuple[RouteHandler, Request]:
+        """The route that answers a request, and the request as it sees it (its body not read
+        yet: set `body`); 404 when no route matches."""
         segs = [unquote(s) for s in path.split("/")[1:]]
         if len(segs) > 1 and segs[-1] == "":
             segs = segs[:-1]
-        req = Request(method, segs, query, body, user, base, content_type, byte_range)
+        req = Request(method, segs, query, None, user, base, content_type, byte_range)
         canonical = "/" + "/".join(quote(s, safe="") for s in segs)
         for route_method, pattern, handler in ROUTES:
             if route_method in (method, ANY):
                 req.match = pattern.fullmatch(canonical)
                 if req.match is not None:
-                    return handler(self, req)
+                    return handler, req
         raise req.unknown()
+
+    @staticmethod
+    def reads_body(handler: RouteHandler, user: str | None) -> bool:
+        """Whether the request's body is read: always for a user, for anonymous callers of a
+        few routes only."""
+        return user is not None or handler in ANONYMOUS_BODY
+
+    @staticmethod
+    def body_limit(handler: RouteHandler) -> int:
+        return BODY_LIMITS.get(handler, limits.API_BODY)
+
+    def prepare(self, handler: RouteHandler, req: Request) -> None:
+        """What a route does before the store's lock (PREPARE): parse cards, payloads."""
+        step = PREPARE.get(handler)
+        if step is not None:
+            step(self, req)
+
+    def lock_for(self, handler: RouteHandler) -> AbstractContextManager:
+        """The store's lock, or nothing for routes that touch no stored state."""
+        return contextlib.nullcontext() if handler in UNLOCKED else self.store.lock

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 import struct
 from collections.abc import Callable, Mapping
@@ -17,6 +18,10 @@ from typing import Any
 import yaml
 
 FRONT_MATTER = re.compile(r"\A\ufeff?---[ \t]*\r?\n(.*?)(?:\r?\n)?^---[ \t]*$", re.S | re.M)
+OPENING = re.compile(r"\A\ufeff?---[ \t]*\r?\n")
+MAX_FRONT_MATTER = 64 * 1024  # characters of YAML metadata a card may carry
+CARD_HEAD = 4 * MAX_FRONT_MATTER + 1024  # the bytes of README.md read for its metadata
+MAX_DEPTH = 64
 RELATIONS = ("adapter", "merge", "quantized", "finetune")
 # Files larger than this go through LFS whatever their name or content (the Hub's rule).
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
@@ -30,11 +35,31 @@ DEFAULT_GITATTRIBUTES = "".join(
         "*.xz", "*.zip", "*.zst", "*tfevents*",
     ))
 SMALL_JSON = 5 * 1024 * 1024
+# what a commit derives when its files cannot be read: no card data, no tags
+NOTHING = {"cardData": None, "tags": [], "library_name": None, "pipeline_tag": None,
+           "base_model_relation": None, "safetensors": None}
 ReadBlob = Callable[[str], bytes]
 
 
 class CardError(ValueError):
-    """README.md metadata that is not a YAML mapping."""
+    """README.md metadata that is not a YAML mapping, or one past the limits."""
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases (no "billion laughs") and with bounded nesting."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise CardError("YAML aliases (*name) are not allowed in README.md metadata")
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise CardError(f"README.md metadata is nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _plain(value: Any) -> Any:
@@ -43,19 +68,31 @@ def _plain(value: Any) -> Any:
 
 
 def parse_front_matter(text: str) -> dict | None:
-    """The YAML metadata block at the top of a model card, or None when there is none."""
+    """The YAML metadata block at the top of a model card, or None when there is none.
+
+    At most MAX_FRONT_MATTER characters, no aliases, nested at most MAX_DEPTH deep; `text`
+    may be the card's first CARD_HEAD bytes only.
+    """
     match = FRONT_MATTER.match(text)
     if match is None:
+        if OPENING.match(text) and len(text) >= MAX_FRONT_MATTER:  # no end within the limit
+            raise CardError(f"README.md metadata is longer than {MAX_FRONT_MATTER} characters")
         return None
+    if len(match.group(1)) > MAX_FRONT_MATTER:
+        raise CardError(f"README.md metadata is longer than {MAX_FRONT_MATTER} characters")
     try:
-        data = yaml.safe_load(match.group(1))
+        data = yaml.load(match.group(1), Loader=_Loader)  # noqa: S506 - a safe loader
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise CardError("README.md metadata must be a YAML mapping (key: value lines)")
+        return _plain(data)
+    except CardError:
+        raise
     except yaml.YAMLError as e:
         raise CardError(f"invalid YAML metadata in README.md: {e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CardError("README.md metadata must be a YAML mapping (key: value lines)")
-    return _plain(data)
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:  # dates, date keys...
+        raise CardError(f"invalid YAML metadata in README.md: {type(e).__name__}: {e}") from e
 
 
 def lfs_patterns(gitattributes: str) -> list[str]:
@@ -106,30 +143,47 @@ def _json_file(tree: Mapping[str, dict], path: str, read: ReadBlob) -> dict | No
     return data if isinstance(data, dict) else None
 
 
+def _tensor_counts(header: Any) -> dict[str, int] | None:
+    """Parameters per dtype in one safetensors header; None when it is not a valid one."""
+    if not isinstance(header, dict):
+        return None
+    counts: dict[str, int] = {}
+    for name, tensor in header.items():
+        if name == "__metadata__" or not isinstance(tensor, dict):
+            continue
+        shape, dtype = tensor.get("shape", []), tensor.get("dtype", "?")
+        if not isinstance(shape, list) or not isinstance(dtype, str) or \
+                not all(type(dim) is int and dim >= 0 for dim in shape):
+            return None
+        counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+    return counts
+
+
 def safetensors_info(tree: Mapping[str, dict],
                      read_head: Callable[[str, int], bytes]) -> dict | None:
-    """Parameter counts per dtype over every *.safetensors file, read from their headers."""
+    """Parameter counts per dtype over every *.safetensors file, read from their headers
+    (a file whose header is not valid counts for nothing)."""
     counts: dict[str, int] = {}
     found = False
     for path, entry in tree.items():
         if not path.endswith(".safetensors") or entry["size"] < 8:
             continue
         head = read_head(entry["sha256"], 8)
-        (length,) = struct.unpack("<Q", head[:8])
+        if len(head) < 8:
+            continue
+        (length,) = struct.unpack("<Q", head)
         if length > min(entry["size"] - 8, 100 * 1024 * 1024):
             continue
         try:
             header = json.loads(read_head(entry["sha256"], 8 + length)[8:])
         except (ValueError, UnicodeDecodeError, RecursionError):
             continue
+        file_counts = _tensor_counts(header)
+        if file_counts is None:
+            continue
         found = True
-        for name, tensor in header.items():
-            if name == "__metadata__" or not isinstance(tensor, dict):
-                continue
-            n = 1
-            for dim in tensor.get("shape", []):
-                n *= int(dim)
-            counts[tensor.get("dtype", "?")] = counts.get(tensor.get("dtype", "?"), 0) + n
+        for dtype, n in file_counts.items():
+            counts[dtype] = counts.get(dtype, 0) + n
     if not found:
         return None
     return {"parameters": counts, "total": sum(counts.values())}
@@ -158,21 +212,14 @@ def base_model_tags(card: dict, paths: list[str]) -> tuple[list[str], str | None
     return tags, relation
 
 
-def derive(repo_type: str, tree: Mapping[str, dict], read: ReadBlob,
+def derive(repo_type: str, tree: Mapping[str, dict], card: dict, read: ReadBlob,
            read_head: Callable[[str, int], bytes]) -> dict:
     """Card data, tags, library, pipeline tag, config and safetensors info of one commit.
 
-    `tree` maps paths to entries with `sha256` and `size`; `read` returns a blob's bytes.
-    A README.md with broken metadata yields no card data (commits with one are refused).
+    `tree` maps paths to entries with `sha256` and `size`; `card` is README.md's metadata
+    ({} for none or broken); `read` returns a blob's bytes.
     """
     paths = sorted(tree)
-    card: dict = {}
-    readme = tree.get("README.md")
-    if readme is not None:
-        try:
-            card = parse_front_matter(read(readme["sha256"]).decode("utf-8", "replace")) or {}
-        except CardError:
-            card = {}
     tags: list[str] = []
     out: dict[str, Any] = {"cardData": card or None}
     if repo_type == "model":

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from bot.localhub import cards
 from bot.localhub.errors import ApiError
@@ -90,6 +92,24 @@ def preupload(api: Api, req: Request) -> Reply:
     return reply_json({"files": files, "commitOid": sha})
 
 
+def prepare_commit(api: Api, req: Request) -> None:
+    """Before the store's lock: parse the payload (kept for `commit`, errors too) and the
+    metadata of a README.md it adds, so that a slow card holds up no one else."""
+    try:
+        req.prepared = parse_commit_payload(req)
+    except ApiError as e:
+        req.prepared = e
+        return
+    for key, op in req.prepared[1]:
+        if op["path"] != "README.md" or key not in ("file", "lfsFile"):
+            continue
+        data = op.get("data")
+        sha = hashlib.sha256(data).hexdigest() if data is not None else op["oid"]
+        if data is not None or api.store.blobs.has(sha):
+            with contextlib.suppress(cards.CardError, OSError):  # the commit refuses it
+                api.store.meta.card(sha, data)
+
+
 def commit(api: Api, req: Request) -> Reply:
     """create_commit: to a branch, to refs/pr/N, or opening a pull request (create_pr)."""
     q = req.query.allow("create_pr", "hot_reload")
@@ -99,7 +119,13 @@ def commit(api: Api, req: Request) -> Reply:
     rev, _ = take_rev(req.rest)
     create_pr = q.flag("create_pr")
     branch, pr_num = _commit_target(api, req, repo, rev, create_pr)
-    header, operations = parse_commit_payload(req)
+    if isinstance(req.prepared, ApiError):
+        raise req.prepared
+    header, operations = req.prepared or parse_commit_payload(req)
+    for key, op in operations:  # a stored blob is named only by who may read it
+        if key == "lfsFile" and not api.store.may_use_blob(req.user, repo, op["oid"]):
+            raise ApiError(400, f"LFS object {op['oid']} for {op['path']!r} was not uploaded "
+                                "(preupload and the LFS batch come first)")
     result = api.store.apply_commit(repo, branch=branch, pr_num=pr_num, create_pr=create_pr,
                                     operations=operations, header=header, user=req.user)
     out = {"success": True, "commitOid": result["sha"], "hookOutput": "",
@@ -113,7 +139,7 @@ def parse_commit_payload(req: Request) -> tuple[dict, list[tuple[str, dict]]]:
     """The NDJSON commit payload: its header line, then (key, value) operations."""
     if not req.content_type.startswith("application/x-ndjson"):
         raise ApiError(400, "a commit payload must be application/x-ndjson")
-    lines = [line for line in req.body.split(b"\n") if line.strip()]
+    lines = [line for line in req.payload().split(b"\n") if line.strip()]
     if not lines:
         raise ApiError(400, "empty commit payload")
     header: dict | None = None
@@ -233,20 +259,29 @@ def delete_ref(api: Api, req: Request) -> Reply:
 # ---- LFS
 
 def lfs_objects(api: Api, req: Request) -> Reply:
-    """POST /{repo}.git/info/lfs/objects/{batch,verify}, for a logged-in user who sees it."""
+    """POST /{repo}.git/info/lfs/objects/{batch,verify}, for a logged-in user who sees it.
+
+    The hub says it has an object only when the user may name it in a commit (access.py):
+    others are asked for its bytes, and learn nothing of what other repos hold.
+    """
     req.query.allow()
     repo = api.store.get_repo(req.kind, req.repo_id, req.user)
     req.need_user()
     if req.arg("op") == "verify":
-        return _lfs_verify(api, req)
+        return _lfs_verify(api, req, repo)
     if req.arg("op") != "batch":
         raise req.unknown()
     return _lfs_batch(api, req, repo)
 
 
-def _lfs_verify(api: Api, req: Request) -> Reply:
+def _has(api: Api, req: Request, repo: dict, oid: str, size: int) -> bool:
+    """Whether the hub holds this object for this user (see lfs_objects)."""
+    return api.store.blobs.has(oid, size) and api.store.may_use_blob(req.need_user(), repo, oid)
+
+
+def _lfs_verify(api: Api, req: Request, repo: dict) -> Reply:
     body = require_fields(req.json(), {"oid": str, "size": int})
-    if not SHA256.match(body["oid"]) or not api.store.blobs.has(body["oid"], body["size"]):
+    if not SHA256.match(body["oid"]) or not _has(api, req, repo, body["oid"], body["size"]):
         raise ApiError(404, f"LFS object {body['oid']} ({body['size']} bytes) not found")
     return reply_json({}, content_type=LFS_JSON)
 
@@ -267,12 +302,14 @@ def _lfs_batch(api: Api, req: Request, repo: dict) -> Reply:
         oid, size = obj["oid"], obj["size"]
         if not SHA256.match(oid) or size < 0:
             raise ApiError(400, f"objects[{i}]: oid must be a sha256 and size >= 0")
-        if api.store.blobs.has(oid, size):
+        if _has(api, req, repo, oid, size):
             objects.append({"oid": oid, "size": size})
             continue
-        sig = _sign(api, oid, size)
+        user = req.need_user()
+        sig = _sign(api, oid, size, user)
         objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
-            "upload": {"href": f"{req.base}/lfs-upload/{oid}?size={size}&sig={sig}",
+            "upload": {"href": f"{req.base}/lfs-upload/{oid}?size={size}&user={quote(user)}"
+                               f"&sig={sig}",
                        "expires_in": 86400},
             "verify": {"href": f"{req.base}/{req.prefix(req.kind)}{repo['id']}.git/info/lfs/"
                                "objects/verify"}}})
@@ -280,17 +317,20 @@ def _lfs_batch(api: Api, req: Request, repo: dict) -> Reply:
                       content_type=LFS_JSON)
 
 
-def _sign(api: Api, oid: str, size: int) -> str:
-    return hmac.new(api.secret, f"{oid}:{size}".encode(), hashlib.sha256).hexdigest()
+def _sign(api: Api, oid: str, size: int, user: str) -> str:
+    return hmac.new(api.secret, f"{oid}:{size}:{user}".encode(), hashlib.sha256).hexdigest()
 
 
-def check_upload(api: Api, path: str, query: Query) -> tuple[str, int]:
-    """The oid and size an LFS upload URL was signed for (403 when the signature is wrong)."""
+def check_upload(api: Api, path: str, query: Query) -> tuple[str, int, str]:
+    """The oid, size and user an LFS upload URL was signed for (403 when the signature is
+    wrong)."""
     segs = path.split("/")
-    q = query.allow("size", "sig")
+    q = query.allow("size", "user", "sig")
     oid = segs[2] if len(segs) == 3 else ""
     size = q.int("size", -1)
+    user = q.one("user") or ""
     sig = q.one("sig") or ""
-    if not SHA256.match(oid) or size < 0 or not hmac.compare_digest(sig, _sign(api, oid, size)):
+    if not SHA256.match(oid) or size < 0 or not user or \
+            not hmac.compare_digest(sig, _sign(api, oid, size, user)):
         raise ApiError(403, "invalid or expired LFS upload URL")
-    return oid, size
+    return oid, size, user

@@ -3,6 +3,7 @@ its commits and its refs; listings longer than a page link to the next one as th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import json
@@ -80,6 +81,16 @@ def list_repos(api: Api, req: Request) -> Reply:
     shown, link = page(api, req, chosen, q.int("limit", api.page_size))
     return reply_json([repo_fields(api.store, r, heads[r["id"]], names, False) for r in shown],
                       headers=link)
+
+
+def warm_listing(api: Api, req: Request) -> None:
+    """Before list_models / list_datasets, without the store's lock: the derived data (cards)
+    of every head it may show. Errors are left to the route."""
+    with api.store.lock:
+        heads = [(r, r["branches"]["main"]) for r in api.store.list_repos(req.kind, req.user)]
+    for repo, sha in heads:
+        with contextlib.suppress(Exception):  # a repo deleted meanwhile: the route answers
+            api.store.derived(repo, sha)
 
 
 def _repo_filter(q: Query) -> Callable[[dict, dict], bool]:
@@ -202,7 +213,7 @@ def paths_info(api: Api, req: Request) -> Reply:
         form = require_fields(req.json(), {"paths": list}, {"expand": bool})
         paths, expand = form["paths"], bool(form.get("expand"))
     else:
-        raw = parse_qs(req.body.decode("utf-8", "replace"), keep_blank_values=True)
+        raw = parse_qs(req.payload().decode("utf-8", "replace"), keep_blank_values=True)
         unknown = set(raw) - {"paths", "expand"}
         if unknown:
             raise ApiError(400, f"unknown field(s): {', '.join(sorted(unknown))}")

@@ -129,12 +129,13 @@ class Request:
     method: str
     segs: list[str]
     query: Query
-    body: bytes
+    body: bytes | None  # None: left unread (an anonymous caller of a route that needs a user)
     user: str | None
     base: str
     content_type: str
     range: str | None = None
     match: re.Match[str] | None = None
+    prepared: Any = None  # what the route's prepare step computed before the store's lock
 
     # ---- what the route's pattern captured
 
@@ -173,13 +174,21 @@ class Request:
                                 "(Authorization: Bearer hf_...)")
         return self.user
 
+    def payload(self) -> bytes:
+        """The request's body; 401 when it was left unread (the caller has no token)."""
+        if self.body is None:
+            self.need_user()
+        assert self.body is not None
+        return self.body
+
     def json(self, allow_empty: bool = False) -> Any:
-        if not self.body.strip():
+        body = self.payload()
+        if not body.strip():
             if allow_empty:
                 return {}
             raise ApiError(400, "missing JSON body")
         try:
-            return json.loads(self.body)
+            return json.loads(body)
         except ValueError as e:
             raise ApiError(400, f"malformed JSON body: {e}") from e
 

@@ -3,6 +3,7 @@ their settings, access grants, likes, auth checks, repo info, and file downloads
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from typing import TYPE_CHECKING, Any
@@ -208,6 +209,18 @@ def info(api: Api, req: Request, rev: str | None = None) -> Reply:
     if q.flag("securityStatus"):
         out["securityRepoStatus"] = {"scansDone": True, "filesWithIssues": []}
     return reply_json(out)
+
+
+def warm_info(api: Api, req: Request) -> None:
+    """Before model_info / dataset_info, without the store's lock: the derived data (card) of
+    the revision it shows. Errors are left to the route."""
+    with contextlib.suppress(Exception):
+        at_revision = req.match is not None and "rest" in req.match.groupdict()
+        rev = take_rev(req.rest)[0] if at_revision else "main"
+        with api.store.lock:
+            repo = api.store.get_repo(req.kind, req.repo_id, req.user)
+            sha = api.store.resolve(repo, rev)
+        api.store.derived(repo, sha)
 
 
 def info_at_revision(api: Api, req: Request) -> Reply:

@@ -1,8 +1,10 @@
 """The HTTP side of the local hub: connections, request bodies, streaming, LFS uploads.
 
-Only the standard library (http.server, one thread per connection). Each request is answered
-by the routes (api.py) under the store's lock, except the streaming of file contents and of
-LFS uploads.
+Only the standard library (http.server, one thread per connection). A request's token is
+checked before its body is read (an anonymous caller's body is read only by the few routes
+that serve them); bodies are capped and a silent client times out (limits.py). Each request is
+answered by the routes (api.py) under the store's lock, after the route's prepare step
+(parsing cards and payloads) and except the streaming of file contents and of LFS uploads.
 Faults (faults.py) are checked first, for every request.
 """
 
@@ -18,17 +20,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bot.localhub import limits
 from bot.localhub.api import Api
 from bot.localhub.commits import check_upload
 from bot.localhub.errors import ApiError
 from bot.localhub.faults import Fault
+from bot.localhub.limits import CHUNK
 from bot.localhub.protocol import Query, Reply, error_reply, reply_json
 from bot.localhub.store import Store
 
 log = logging.getLogger("bot.localhub")
-
-MAX_BODY = 2 * 1024**3
-CHUNK = 1024 * 1024
 
 
 class Server(ThreadingHTTPServer):
@@ -38,8 +39,10 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128  # parallel downloads open many connections at once
 
-    def __init__(self, address: tuple[str, int], api: Api, faults: list[Fault] | None = None):
+    def __init__(self, address: tuple[str, int], api: Api, faults: list[Fault] | None = None,
+                 timeout: float = limits.TIMEOUT):
         self.api = api
+        self.request_timeout = timeout  # seconds a client may stay silent
         self.faults = faults if faults is not None else []  # the hub's list, shared
         self.stopped = threading.Event()  # set by stop(): hanging requests end at once
         self.connections: set[socket.socket] = set()
@@ -72,6 +75,7 @@ class Handler(BaseHTTPRequestHandler):
     server: Server
 
     def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # StreamRequestHandler sets it on the socket
         super().setup()
         self.server.connections.add(self.connection)
 
@@ -109,23 +113,9 @@ class Handler(BaseHTTPRequestHandler):
         self.late_fault: Fault | None = None  # a fault with `after`: answered once handled
         if self.server.faults and self._fault(method):
             return
-        api = self.server.api
         try:
-            url = urlsplit(self.path)
-            query = Query(url.query)
-            if method == "PUT" and url.path.startswith("/lfs-upload/"):
-                reply = self._upload(api, url.path, query)
-                self._send(self._fault_reply(self.late_fault) if self.late_fault else reply,
-                           method)
-                return
-            body = self._read_body()
-            host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])
-            ctx_type = (self.headers.get("Content-Type") or "").lower()
-            with api.store.lock:
-                user = self._user(api.store)
-                reply = api.handle(method, url.path, query, body, user, f"http://{host}",
-                                   ctx_type, self.headers.get("Range"))
-        except (ConnectionError, TimeoutError):  # the client went away mid-request
+            reply = self._answer(self.server.api, method)
+        except (ConnectionError, TimeoutError):  # the client went away or fell silent
             self.close_connection = True
             return
         except ApiError as e:
@@ -137,6 +127,31 @@ class Handler(BaseHTTPRequestHandler):
         if self.late_fault is not None:  # the request did its work; the client sees the fault
             reply = self._fault_reply(self.late_fault)
         self._send(reply, method)
+
+    def _answer(self, api: Api, method: str) -> Reply:
+        """The reply to the request: its token checked before its body is read."""
+        url = urlsplit(self.path)
+        query = Query(url.query)
+        keep_alive = not self.close_connection
+        self.close_connection = True  # until the body is read (or known to be empty)
+        if limits.announced(self.headers) == 0:
+            self.close_connection = not keep_alive
+        if method == "PUT" and url.path.startswith("/lfs-upload/"):
+            reply = self._upload(api, url.path, query)
+            self.close_connection = not keep_alive
+            return reply
+        with api.store.lock:
+            user = self._user(api.store)
+        host = self.headers.get("Host") or "{}:{}".format(*self.server.server_address[:2])
+        handler, req = api.route(method, url.path, query, user, f"http://{host}",
+                                 (self.headers.get("Content-Type") or "").lower(),
+                                 self.headers.get("Range"))
+        if api.reads_body(handler, user):
+            req.body = self._read_body(api.body_limit(handler))
+            self.close_connection = not keep_alive
+        api.prepare(handler, req)
+        with api.lock_for(handler):
+            return handler(api, req)
 
     def _fault(self, method: str) -> bool:
         """Apply the first of the hub's faults that fires for this request; True when the
@@ -159,7 +174,7 @@ class Handler(BaseHTTPRequestHandler):
             self.late_fault = fault
             return False
         try:
-            self._read_body(lambda _: None)  # drained: the connection stays usable
+            self._read_body(limits.UPLOAD_BODY, lambda _: None)  # drained: usable again
         except (ApiError, OSError, ValueError):
             self.close_connection = True
         self._send(self._fault_reply(fault), method)
@@ -190,62 +205,18 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(401, "Invalid credentials in Authorization header")
         return user
 
-    def _read_body(self, sink: Any = None) -> bytes:
-        """The request body (Content-Length or chunked); streamed into `sink` when given."""
-        parts: list[bytes] = []
-        total = 0
-
-        def take(data: bytes) -> None:
-            nonlocal total
-            total += len(data)
-            if total > MAX_BODY:
-                self.close_connection = True
-                raise ApiError(413, "request body too large")
-            if sink is not None:
-                sink(data)
-            else:
-                parts.append(data)
-
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            while True:
-                size_line = self.rfile.readline(1024)
-                try:
-                    size = int(size_line.split(b";")[0].strip() or b"0", 16)
-                except ValueError:
-                    self.close_connection = True
-                    raise ApiError(400, "malformed chunked body") from None
-                if size == 0:
-                    while self.rfile.readline(1024).strip():
-                        pass
-                    break
-                remaining = size
-                while remaining:
-                    data = self.rfile.read(min(remaining, CHUNK))
-                    if not data:
-                        raise ApiError(400, "truncated chunked body")
-                    take(data)
-                    remaining -= len(data)
-                self.rfile.readline(16)
-        else:
-            remaining = int(self.headers.get("Content-Length") or 0)
-            if remaining > MAX_BODY:
-                self.close_connection = True
-                raise ApiError(413, "request body too large")
-            while remaining:
-                data = self.rfile.read(min(remaining, CHUNK))
-                if not data:
-                    raise ApiError(400, "truncated body")
-                take(data)
-                remaining -= len(data)
-        return b"".join(parts)
-
-    def _upload(self, api: Api, path: str, query: Query) -> Reply:
-        """PUT of an LFS object: streamed to disk, hashed, checked against the signed oid."""
+    def _read_body(self, limit: int, sink: Any = None) -> bytes:
+        """The request body, at most `limit` bytes; streamed into `sink` when given. The
+        connection closes when it cannot be read whole."""
         try:
-            oid, size = check_upload(api, path, query)
+            return limits.read_body(self.rfile, self.headers, limit, sink)
         except ApiError:
             self.close_connection = True
             raise
+
+    def _upload(self, api: Api, path: str, query: Query) -> Reply:
+        """PUT of an LFS object: streamed to disk, hashed, checked against the signed oid."""
+        oid, size, user = check_upload(api, path, query)
         digest = hashlib.sha256()
         f, tmp = api.store.blobs.new_upload()
         try:
@@ -253,12 +224,13 @@ class Handler(BaseHTTPRequestHandler):
                 def sink(data: bytes) -> None:
                     digest.update(data)
                     f.write(data)
-                self._read_body(sink)
+                self._read_body(limits.UPLOAD_BODY, sink)
                 written = f.tell()
             if digest.hexdigest() != oid or written != size:
                 raise ApiError(400, f"uploaded content does not match oid {oid} and size {size}")
             with api.store.lock:
                 api.store.blobs.finish_upload(tmp, oid)
+                api.store.access.uploaded(user, oid)  # may now name it in a commit
         finally:
             Path(tmp).unlink(missing_ok=True)
         return Reply(200, b"", {"ETag": f'"{oid}"'})

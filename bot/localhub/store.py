@@ -25,8 +25,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bot.localhub import cards
+from bot.localhub.access import BlobAccess
 from bot.localhub.blobs import Blobs
 from bot.localhub.errors import ApiError, LocalHubUsageError, not_found
+from bot.localhub.metadata import Metadata
 from bot.localhub.records import (
     PR_REF,
     REPO_TYPES,
@@ -54,7 +56,8 @@ class Store:
         self.users: dict[str, dict] = {}
         self.repos: dict[tuple[str, str], dict] = {}
         self._commits: dict[tuple[str, str, str], dict] = {}
-        self._derived: dict[tuple[str, str], dict] = {}
+        self.meta = Metadata(self.blobs)  # card data and tags, derived outside the lock
+        self.access = BlobAccess()  # which stored blobs a user may name in a commit
         self._load()
 
     # ---- loading and saving
@@ -187,6 +190,7 @@ class Store:
         """Remove a repo with its commits and discussions (blobs stay)."""
         with self.lock:
             self.repos.pop((repo["type"], repo["id"].lower()), None)
+            self.access.forget(repo)
             shutil.rmtree(self._repo_dir(repo), ignore_errors=True)
             parent = self._repo_dir(repo).parent
             if parent.exists() and not any(parent.iterdir()):
@@ -249,16 +253,18 @@ class Store:
         body["id"] = sha
         write_json(self._repo_dir(repo) / "commits" / f"{sha}.json", body)
         self._commits[(repo["type"], repo["id"], sha)] = body
+        self.access.add_tree(repo, tree)
         return sha
 
     def derived(self, repo: dict, sha: str) -> dict:
-        """Card data, tags, library... of a commit (memoized: commits never change)."""
-        key = (repo["type"], sha)
-        if key not in self._derived:
-            tree = self.commit(repo, sha)["tree"]
-            self._derived[key] = cards.derive(repo["type"], tree, self.blobs.read,
-                                              self.blobs.read_head)
-        return self._derived[key]
+        """Card data, tags, library... of a commit (metadata.py; memoized)."""
+        return self.meta.derived(repo["type"], sha, self.commit(repo, sha)["tree"])
+
+    def may_use_blob(self, user: str, repo: dict, sha256: str) -> bool:
+        """Whether a commit of `user` to `repo` may name this stored blob (access.py)."""
+        commits = (self._repo_dir(repo) / "commits").glob("*.json")
+        return self.access.may_use(user, sha256, repo, self.can_download(user, repo), lambda: (
+            self.commit(repo, p.stem)["tree"] for p in commits if SHA1.match(p.stem)))
 
     def ancestors(self, repo: dict, sha: str) -> list[dict]:
         """A commit and every commit before it, newest first."""
@@ -383,8 +389,7 @@ class Store:
                 raise ApiError(400, f"{a!r} would be both a file and a folder")
         if "README.md" in tree and tree["README.md"] != parent_tree.get("README.md"):
             try:
-                cards.parse_front_matter(self.blobs.read(tree["README.md"]["sha256"])
-                                         .decode("utf-8", "replace"))
+                self.meta.card(tree["README.md"]["sha256"])  # parsed before the lock, mostly
             except cards.CardError as e:
                 raise ApiError(400, f"Invalid metadata in README.md: {e}") from e
 
