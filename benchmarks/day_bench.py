@@ -99,6 +99,7 @@ from huggingface_hub.utils import disable_progress_bars
 from bot.demo import pointed_at
 from bot.ledger import Ledger
 from bot.localhub import Fault, LocalHub
+from bot.publish.licenses import variant_name
 from bot.zoo.build import build_zoo
 from bot.zoo.seed import OPT_IN_TAG, card, seed_decoys, upload
 
@@ -747,7 +748,7 @@ def _verify(hub: LocalHub, ledger_url: str, root: Path, feed_repo: str, well_for
     variant_commits = {}
     for e in entries:
         if e.status == "published" and e.repo not in opted_in:
-            variant = f"{bot}/{e.repo.split('/')[-1]}-safeguarded"
+            variant = variant_name(bot, e.repo, "apache-2.0")
             try:
                 n = sum(1 for c in api.list_repo_commits(variant)
                         if f"@{e.revision[:8]}" in c.title)

@@ -98,6 +98,10 @@ def print_cycle(r: CycleResult) -> None:
     err.print(f"{len(found.candidates)} new candidate(s), {len(found.skips)} skipped, "
               f"{found.already_seen} already seen, {found.deferred} deferred; "
               f"{len(r.processed)} processed ({r.seconds} s)", markup=False)
+    for c in found.candidates:
+        if getattr(c, "via", None):
+            err.print(f"  found {c.repo}@{c.revision[:8]} through {c.via}, a copy of {c.base}",
+                      markup=False)
     for s in found.skips:
         err.print(f"  skip {s.repo}@{s.revision[:8]}: {s.reason}", markup=False)
     for x in found.later:

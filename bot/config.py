@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from bot.errors import InputNotFoundError, UsageError
+from bot.publish.licenses import DEFAULT_VARIANT_LICENSES, RULES
 
 
 class _Section(BaseModel):
@@ -108,6 +109,14 @@ class WatchSettings(_Section):
     # licenses whose terms forbid derivatives (SPDX-style ids as the Hub writes them)
     no_derivatives_licenses: list[str] = ["cc-by-nd-4.0", "cc-by-nc-nd-4.0", "cc-by-nd-3.0",
                                           "cc-by-nc-nd-3.0"]
+    # declared ancestry (bot/ancestry.py): fine-tunes of a copy of a watched base are its own
+    # candidates, merged with the watched base. A copy is a quantization in safetensors (Hub
+    # tag base_model:quantized:<base>) or a repo named in `aliases`. ancestry_depth: declared
+    # links followed from a fine-tune up to its watched base (1: direct fine-tunes only, 2:
+    # through one copy, 3: through a copy of a copy)
+    ancestry_depth: int = Field(2, ge=1, le=4)
+    copies_per_base: int = Field(10, ge=0)  # quantized copies looked at per base (most used)
+    aliases: dict[str, str] = {}  # a renamed copy -> the base it copies: {"org/copy" = "org/base"}
 
 
 class PublishSettings(_Section):
@@ -116,12 +125,19 @@ class PublishSettings(_Section):
     # repos without the opt-in tag: a -safeguarded variant, only the results feed, or nothing
     unopted: Literal["variant", "feed-only", "skip"] = "variant"
     variant_owner: str | None = None  # where variants go (default: the token's account)
-    # variants are published only for licenses that allow redistributing derivatives; others
-    # go to the feed only
-    variant_licenses: list[str] = [
-        "apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0",
-        "openrail", "creativeml-openrail-m", "llama3", "llama3.1", "llama3.2", "gemma",
-        "qwen"]
+    # licenses (keys of bot/publish/licenses.py's table: the Hub's license id, or license_name
+    # under `license: other`) whose fine-tunes get variants; others go to the feed only
+    variant_licenses: list[str] = DEFAULT_VARIANT_LICENSES
+
+    @field_validator("variant_licenses")
+    @classmethod
+    def _known_licenses(cls, value: list[str]) -> list[str]:
+        unknown = [x for x in value if x.lower() not in RULES]
+        if unknown:
+            raise ValueError(f"no rule for license {', '.join(unknown)} in the bot's license "
+                             f"table; known: {', '.join(RULES)}")
+        return [x.lower() for x in value]
+
     feed_repo: str | None = None  # the results dataset (default: <variant owner>/safeguard-results)
     feed_dir: str | None = None  # local feed files (default: <workdir>/feed)
     # a folder with your own copies of the model card, PR text and leaderboard templates

@@ -39,7 +39,7 @@ from bot.hub_calls import (  # noqa: F401 - configure, cache_dir: the pipeline's
     session_with_timeouts,
     with_retries,
 )
-from bot.merge.compat import PICKLE_PATTERNS
+from bot.merge.compat import LICENSE_FILES, PICKLE_PATTERNS
 
 log = logging.getLogger("safeguard")
 
@@ -50,7 +50,8 @@ REPO_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}\w)?/[A-Za-z0-9](?:[\w.-]{0,94}
 # What a merge needs from a model repo: weights in safetensors and the small files beside them.
 # Code (*.py) is never downloaded.
 WEIGHT_FILES = ["*.safetensors"]
-SMALL_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]  # up to Limits.max_file
+# up to Limits.max_file_bytes
+SMALL_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", *LICENSE_FILES]
 MODEL_FILES = WEIGHT_FILES + SMALL_FILES
 DATASET_FILES = ["*.jsonl", "*.csv", "*.json", "*.parquet"]
 
@@ -149,6 +150,16 @@ def list_finetunes(base: str, relation: str, limit: int) -> list:
     return with_retries(lambda: list(api().list_models(
         filter=f"base_model:{relation}:{base}", sort="last_modified", limit=limit,
         full=True, cardData=True)), f"listing {relation}s of {base}")
+
+
+def list_copies(base: str, limit: int) -> list:
+    """The `limit` most downloaded quantizations of `base` in safetensors (tagged
+    `base_model:quantized:<base>` and `safetensors`: a bitsandbytes or GPTQ copy that people
+    fine-tune from, not a GGUF file); their ids and tags."""
+    wanted = [f"base_model:quantized:{base}", "safetensors"]
+    found = with_retries(lambda: list(api().list_models(
+        filter=wanted, sort="downloads", limit=limit)), f"listing quantizations of {base}")
+    return [m for m in found if set(wanted) <= set(m.tags or [])]
 
 
 def model_info(repo: str, revision: str | None = None):
@@ -302,12 +313,21 @@ def pull_requests_by(repo: str, author: str) -> list[tuple[int, str, str]]:
 
 def publish_repo(repo: str, files: dict[str, Path | bytes], message: str,
                  private: bool = False) -> str:
-    """Create `repo` (if new) and commit `files` to it in one commit; the commit's url."""
+    """Create `repo` (if new) and make it hold exactly `files` (and its .gitattributes) in one
+    commit: every other file it had, an older shard among them, is deleted. The commit names
+    the head it replaces (parent_commit), so a concurrent change is never overwritten unseen.
+    Returns the commit's url."""
+    from huggingface_hub import CommitOperationDelete
+
     def call() -> str:
         client = api()
         client.create_repo(repo, exist_ok=True, private=private)
-        return str(client.create_commit(repo, _operations(files), commit_message=message)
-                   .commit_url)
+        head = client.model_info(repo)
+        stale = [s.rfilename for s in head.siblings or []
+                 if s.rfilename not in files and s.rfilename != ".gitattributes"]
+        operations = _operations(files) + [CommitOperationDelete(path_in_repo=p) for p in stale]
+        return str(client.create_commit(repo, operations, commit_message=message,
+                                        parent_commit=head.sha).commit_url)
 
     return with_retries(call, f"publishing {repo}")
 

@@ -359,15 +359,15 @@ def process(candidate: Candidate, settings: Settings, workdir: Path,
                             lambda i, n, what: _raise_if_stopped(stop), (candidate.base, ft_ref))
     name = f"{candidate.repo.replace('/', '--')}@{candidate.revision[:12]}"
     report_path, plot = write_report(report, workdir / "reports" / f"{name}.json")
-    merged = None
+    merged, stripped = None, {}
     try:
         if report.selection.publish and candidate.action in ("pull-request", "variant"):
             merged = workdir / "merged" / name
             with timer.step("merge"):
-                _merge_selected(candidate, base_dir, ft_dir, report.selection.weight, merged,
-                                settings)
+                stripped = _merge_selected(candidate, base_dir, ft_dir,
+                                           report.selection.weight, merged, settings)
         with timer.step("publish"):
-            publication = publish(candidate, report, merged, plot, settings)
+            publication = publish(candidate, report, merged, plot, settings, stripped)
     finally:  # published or not, the merged weights go; the report stays
         if merged is not None:
             shutil.rmtree(merged, ignore_errors=True)
@@ -427,19 +427,19 @@ def _sweep_settings(candidate: Candidate, settings: Settings) -> Settings:
 
 
 def _merge_selected(candidate: Candidate, base_dir: Path, ft_dir: Path, weight: float | None,
-                    out: Path, settings: Settings) -> None:
+                    out: Path, settings: Settings) -> dict[str, list[str]]:
     """Write the selected merge (an adapter for an adapter's pull request, where the method
-    keeps the low-rank form) into `out`."""
+    keeps the low-rank form) into `out`; returns what it stripped as remote code."""
     from bot.merge.engine import MergeRequest, merge_models
     from bot.merge.methods import method_named
 
     s = settings.sweep
     method = method_named(s.method)
-    merge_models(MergeRequest(
+    return merge_models(MergeRequest(
         base_dir, ft_dir, out, s.method, weight, s.density if method.uses_density else None,
         s.seed, s.dtype, device=s.device,
         as_adapter=candidate.kind == "adapter" and candidate.action == "pull-request"
-        and method.keeps_adapter_form, overwrite=True), quiet=True)
+        and method.keeps_adapter_form, overwrite=True), quiet=True).stripped
 
 
 def _try_feed(settings: Settings, workdir: Path, records: list, log: Log) -> str | None:

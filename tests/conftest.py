@@ -34,6 +34,13 @@ def zoo():
     return ZOO_CACHE, build_zoo(ZOO_CACHE)
 
 
+def act_as(monkeypatch, hub, token: str) -> None:
+    """Point the in-process Hub client at local hub `hub` with `token` (undone by
+    `monkeypatch`)."""
+    for key, value in hub.env(token).items():
+        monkeypatch.setenv(key, value)
+
+
 def sweet_spot(report: dict, name: str) -> float:
     """The lambda of the zoo's curve for fine-tune `name` with the most room on both merge bars
     (bot/zoo/bars.py): where this machine's zoo has its sweet spot, never a constant."""

@@ -134,7 +134,11 @@ def bash_words(command: str, program: str) -> list[str]:
 def test_metadata_is_what_the_hub_reads(report):
     card = model_card(report, license_id="apache-2.0", **CLEAN)
     data = ModelCard(card).data
-    assert list(front_matter(card)) == METADATA_KEYS
+    assert list(front_matter(card)) == [k for k in METADATA_KEYS
+                                        if k not in ("license_name", "license_link")]
+    named = ModelCard(model_card(report, license_id="qwen", license_files=["LICENSE"],
+                                 **CLEAN)).data
+    assert (named.license, named.license_name, named.license_link) == ("other", "qwen", "LICENSE")
     assert data.base_model == [CLEAN["base_repo"], CLEAN["finetune_repo"]]
     assert data.base_model_relation == "merge"
     assert data.license == "apache-2.0"
@@ -245,11 +249,12 @@ def assert_same_shape(body: str, clean: str) -> None:
 def test_hostile_card(hostile_report, tame_report, tmp_path):
     card = model_card(hostile_report, license_id=HOSTILE_LICENSE, **HOSTILE)
     meta = front_matter(card)
-    assert list(meta) == METADATA_KEYS
+    plain = [k for k in METADATA_KEYS if k not in ("license_name", "license_link")]
+    assert list(meta) == plain
     assert meta["base_model"] == [HOSTILE["base_repo"], HOSTILE["finetune_repo"]]
     assert meta["license"] == "other" and meta["tags"] == TAGS
     data = ModelCard(card).data
-    assert sorted(data.to_dict()) == sorted(METADATA_KEYS)
+    assert sorted(data.to_dict()) == sorted(plain)
     assert data.base_model == meta["base_model"] and data.license == "other"
     assert {r.metric_type for r in data.eval_results} == {
         "attack_success_rate", "over_refusal", "task_score"}

@@ -48,17 +48,31 @@ def test_demo_runs_one_cycle_and_a_second_run_publishes_nothing(zoo, tmp_path):
     first = json.loads(proc.stdout)
     decisions = {p["repo"]: p["decision"] for p in first["processed"]}
     assert decisions == {"carol/zoo-ft-flip": "pull-request", "carol/zoo-ft-echo": "variant",
-                         "carol/zoo-lora-flip": "variant", "carol/zoo-ft-newtoken": "variant"}
+                         "carol/zoo-lora-flip": "variant", "carol/zoo-ft-newtoken": "variant",
+                         "dave/zoo-ft-echo": "variant", "dave/zoo-ft-flip-4bit": "variant"}
     assert all(p["status"] == "published" for p in first["processed"])
+    # two owners' zoo-ft-echo: two variants, each named after its owner
+    variants = {p["repo"]: p["links"]["variant"] for p in first["processed"]
+                if p["decision"] == "variant"}
+    assert variants["carol/zoo-ft-echo"].endswith("/safeguard-bot/carol__zoo-ft-echo-safeguarded")
+    assert variants["dave/zoo-ft-echo"].endswith("/safeguard-bot/dave__zoo-ft-echo-safeguarded")
+    # a fine-tune of a quantized copy: a candidate of the watched base, found through the copy
+    (copied,) = [c for c in first["candidates"] if c["repo"] == "dave/zoo-ft-flip-4bit"]
+    assert (copied["base"], copied["via"]) == ("safeguard/zoo-base-it",
+                                               "dave/zoo-base-it-bnb-4bit")
     reasons = {s["repo"]: s["reason"] for s in first["skips"]}
     assert "only pickle weights" in reasons["carol/decoy-pickle"]
     assert "needs remote code" in reasons["carol/decoy-remote-code"]
-    assert len(reasons) == 6
+    assert reasons["carol-lab/zoo-ft-private"].startswith("private")
+    assert reasons["carol/zoo-ft-opted-out"].startswith("opted out")
+    assert len(reasons) == 8
+    feed = (tmp_path / "bot" / "feed" / "results.jsonl").read_text()
+    assert "zoo-ft-private" not in feed and "zoo-ft-opted-out" not in feed
     proc = run("demo", "--workdir", tmp_path, "--zoo", directory, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     second = json.loads(proc.stdout)
     assert second["candidates"] == second["skips"] == second["processed"] == []
-    assert second["already_seen"] == 10
+    assert second["already_seen"] == 14
 
 
 def test_ctrl_c_leaves_no_half_written_model(tmp_path):

@@ -23,7 +23,7 @@ from bot.pipeline import run_once
 from bot.publish import feed
 from bot.zoo.seed import card, upload
 
-from conftest import sweet_spot
+from conftest import act_as, sweet_spot
 
 ROOT = Path(__file__).resolve().parent.parent
 BOT, BOT_TOKEN = "consent-bot", "hf_consent_bot_token"
@@ -45,8 +45,7 @@ def world(localhub, zoo, tmp_path_factory):
 
 @pytest.fixture
 def bot(world, monkeypatch, tmp_path):
-    for key, value in world[0].env(BOT_TOKEN).items():
-        monkeypatch.setenv(key, value)
+    act_as(monkeypatch, world[0], BOT_TOKEN)
     return tmp_path
 
 
@@ -126,7 +125,7 @@ def test_a_repo_made_private_while_it_is_processed_is_withheld(world, bot):
     assert outcome.publication.decision == "withheld" and outcome.status == "skipped"
     assert "private" in outcome.reason
     api = HfApi(endpoint=hub.url, token=BOT_TOKEN)
-    assert not api.repo_exists(f"{BOT}/later-private-safeguarded")
+    assert not api.repo_exists(f"{BOT}/shared__later-private-safeguarded")
     assert not (bot / "feed" / "results.jsonl").exists()  # not named in the feed either
     with Ledger(bot / "ledger.sqlite") as ledger:
         assert ledger.seen(repo, sha).status == "skipped"

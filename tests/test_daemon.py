@@ -68,7 +68,7 @@ def test_sigterm_releases_and_a_restart_completes_exactly_once(hub, tmp_path):
         assert entry.status == "queued" and entry.attempts == 0  # released, not failed
         assert "SIGTERM" in entry.reason
     api = HfApi(endpoint=localhub.url, token="hf_daemon_bot_token")
-    assert not api.repo_exists("daemon-bot/echo-ft-safeguarded")
+    assert not api.repo_exists("daemon-bot/dave__echo-ft-safeguarded")
 
     # two short cycles: the first completes the candidate, the second finds nothing new
     proc = watch(localhub, zoo_dir, tmp_path, "--max-cycles", "2")
@@ -81,7 +81,7 @@ def test_sigterm_releases_and_a_restart_completes_exactly_once(hub, tmp_path):
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
         (entry,) = ledger.entries()
         assert entry.status == "published" and entry.attempts == 1
-    commits = [c for c in api.list_repo_commits("daemon-bot/echo-ft-safeguarded")
+    commits = [c for c in api.list_repo_commits("daemon-bot/dave__echo-ft-safeguarded")
                if c.title.startswith("safeguard-bot:")]
     assert len(commits) == 1
     feed = Path(hf_hub_download("daemon-bot/results", "results.jsonl", repo_type="dataset",

@@ -26,7 +26,7 @@ from bot.localhub import Fault, LocalHub
 from bot.pipeline import run_once
 from bot.zoo.seed import OPT_IN_TAG, card, upload
 
-from conftest import sweet_spot
+from conftest import act_as, sweet_spot
 
 ROOT = Path(__file__).resolve().parent.parent
 BOT, BOT_TOKEN = "fault-bot", "hf_fault_bot_token"
@@ -52,8 +52,7 @@ def world(localhub, zoo, tmp_path_factory):
 def bot(world, monkeypatch, tmp_path):
     """The bot's environment for an in-process cycle; faults and hub settings are undone."""
     hub = world[0]
-    for key, value in hub.env(BOT_TOKEN).items():
-        monkeypatch.setenv(key, value)
+    act_as(monkeypatch, hub, BOT_TOKEN)
     yield tmp_path
     hub.clear_faults()
     bot_hub.configure(HubSettings())
@@ -262,7 +261,7 @@ def test_the_lease_is_renewed_while_a_long_upload_runs(world, bot):
     s = settings(world, base, [repo], bot, "ledger.lease_seconds=1", "hub.read_timeout=30")
     hub = world[0]
     slow = hub.add_fault(Fault("hang", method="POST", seconds=3,
-                               path=rf"^/api/models/{BOT}/long-upload-safeguarded/commit/"))
+                               path=rf"^/api/models/{BOT}/frank__long-upload-safeguarded/commit/"))
     stolen, done = [], threading.Event()
     rival = Ledger(bot / "ledger.sqlite")
 
@@ -385,7 +384,7 @@ def test_a_refused_publication_fails_and_leaves_no_merged_weights(world, bot):
     s = settings(world, base, [repo], bot)
     hub = world[0]
     hub.add_fault(Fault("status", method="POST", status=403,
-                        path=rf"^/api/models/{BOT}/refused-upload-safeguarded/commit/"))
+                        path=rf"^/api/models/{BOT}/frank__refused-upload-safeguarded/commit/"))
     (outcome,) = run_once(s, bot).processed
     assert outcome.status == "failed" and "403" in outcome.reason
     assert entry(bot, repo, sha).status == "failed" and running(bot) == []

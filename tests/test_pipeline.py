@@ -77,7 +77,7 @@ def test_the_others_get_variants_with_cards(cycle):
                          "carol/zoo-lora-flip": "variant", "carol/zoo-ft-newtoken": "variant"}
     api = HfApi(endpoint=hub.url, token="hf_bot_token")
     for name in ("zoo-ft-echo", "zoo-lora-flip", "zoo-ft-newtoken"):
-        repo = f"safeguard-bot/{name}-safeguarded"
+        repo = f"safeguard-bot/carol__{name}-safeguarded"
         files = set(api.list_repo_files(repo))
         assert {"README.md", "sweep.png", "config.json", "tokenizer.json"} <= files, files
         card = ModelCard(Path(hf_hub_download(repo, "README.md", endpoint=hub.url)).read_text())
@@ -91,7 +91,7 @@ def test_the_published_variant_behaves_as_the_sweep_measured(cycle, zoo):
     """Download the variant and evaluate it: the selected point's numbers, reproduced."""
     hub, _, _, first, _ = cycle
     echo = next(p for p in first["processed"] if p["repo"] == "carol/zoo-ft-echo")
-    path = snapshot_download("safeguard-bot/zoo-ft-echo-safeguarded", endpoint=hub.url)
+    path = snapshot_download("safeguard-bot/carol__zoo-ft-echo-safeguarded", endpoint=hub.url)
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     settings = load_settings(ROOT / "bot" / "zoo" / "evaluate.toml", [

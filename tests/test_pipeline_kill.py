@@ -59,7 +59,7 @@ class Bot:
         self.hub, directory, self.sha, hf_home = seeded
         self.name, self.token, self.workdir = name, f"hf_{name.replace('-', '_')}_token", workdir
         self.hub.add_user(name, self.token)
-        self.variant = f"{name}/zoo-ft-echo-safeguarded"
+        self.variant = f"{name}/killcarol__zoo-ft-echo-safeguarded"
         self.feed_repo = f"{name}/kill-results"
         self.api = HfApi(endpoint=self.hub.url, token=self.token)
         # one torch thread: the tiny model gains nothing from two, and on a busy 2-core

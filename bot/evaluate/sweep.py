@@ -178,7 +178,7 @@ def load_pair(base_dir: str | Path, finetune_dir: str | Path, device: str = "cpu
     A LoRA adapter fine-tune is merged into a copy of the base with PEFT. The fine-tune's
     tokenizer is its own when it has one (it may have grown the vocabulary), else the base's.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from bot.merge.engine import check_configs, read_config
 
@@ -194,8 +194,22 @@ def load_pair(base_dir: str | Path, finetune_dir: str | Path, device: str = "cpu
         check_configs(read_config(base_dir), read_config(ft_dir))
         ft = AutoModelForCausalLM.from_pretrained(ft_dir, **kwargs).to(device).eval()
     ft_tok_dir = ft_dir if (ft_dir / "tokenizer_config.json").exists() else base_dir
-    return (base, ft, AutoTokenizer.from_pretrained(base_dir),
-            AutoTokenizer.from_pretrained(ft_tok_dir))
+    return base, ft, safe_tokenizer(base_dir), safe_tokenizer(ft_tok_dir)
+
+
+def safe_tokenizer(directory: Path):
+    """The tokenizer of `directory`, loaded from a copy of its allow-listed files with every
+    remote-code hook (auto_map, a *_class naming a module) removed: a stranger's tokenizer
+    code is never run, and its plain tokenizer still loads."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from bot.merge.engine import copy_aux_files
+
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
+        copy_aux_files([directory], Path(tmp), None)
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def run_sweep(base_dir: str | Path, finetune_dir: str | Path, settings: Settings,

@@ -11,6 +11,15 @@ from __future__ import annotations
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PICKLE_PATTERNS = tuple(f"*{suffix}" for suffix in PICKLE_SUFFIXES)
 
+# the only files copied beside the merged weights: config, generation, tokenizer, chat template
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+             "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+             "chat_template.jinja", "chat_template.json", "qwen.tiktoken", "tokenizer.tiktoken")
+# license files, carried from the fine-tune, else from the base
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "NOTICE.txt", "NOTICE.md",
+                 "USE_POLICY.md")
+
 # config keys that must agree: the architecture, then the shapes every tensor depends on
 ARCHITECTURE_KEYS = ("model_type", "architectures")
 SHAPE_KEYS = ("hidden_size", "num_hidden_layers")

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +34,6 @@ from bot.errors import (
     UsageError,
 )
 from bot.merge.checkpoint import (
-    SAFETENSORS_INDEX,
     Checkpoint,
     ShardedWriter,
     TensorSpec,
@@ -42,16 +41,13 @@ from bot.merge.checkpoint import (
     parse_size,
     read_tensor,
 )
-from bot.merge.compat import architecture_mismatch
+from bot.merge.compat import AUX_FILES, LICENSE_FILES, architecture_mismatch
 from bot.merge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterCheckpoint, is_adapter
 from bot.merge.methods import METHODS, MergeParams, method_named, names_where
 
 DEFAULT_SHARD_SIZE = "5GB"
 DEFAULT_DENSITY = 0.5  # for ties / dare_*: keep half of the task vector
 CHUNK_ELEMENTS = 1 << 20  # elementwise methods work on at most this many elements at a time
-# Files copied from the fine-tune beside the weights: config, tokenizer, chat template.
-AUX_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
-NOT_COPIED = {SAFETENSORS_INDEX, "pytorch_model.bin.index.json", ADAPTER_CONFIG}
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 LM_HEAD = "lm_head.weight"
 DTYPE_CHOICES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -96,6 +92,8 @@ class MergeResult:
     files: list[str]
     bytes: int
     seconds: float
+    # keys removed from copied JSON files as remote code ({file: [keys]})
+    stripped: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -274,15 +272,22 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def copy_aux_files(sources: list[Path], out: Path, dtype: torch.dtype | None) -> None:
-    """Copy config, tokenizer and chat-template files; the first source that has one wins."""
+def copy_aux_files(sources: list[Path], out: Path, dtype: torch.dtype | None,
+                   licensors: list[Path] = ()) -> dict[str, list[str]]:
+    """Copy the allow-listed config, tokenizer and chat-template files (AUX_FILES; the first
+    source that has one wins) and the license files of the first of `licensors` that has any;
+    nothing else. Returns what was removed from the copied JSON files as remote code
+    ({file: [keys]})."""
     for source in reversed(sources):  # later sources are fallbacks: copy them first
-        for pattern in AUX_PATTERNS:
-            for file in source.glob(pattern):
-                if file.name not in NOT_COPIED and not file.name.startswith("adapter_"):
-                    shutil.copyfile(file, out / file.name)
-    for file in out.glob("*.json"):
-        strip_remote_code(file)
+        for name in AUX_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out / name)
+    licensed = next((s for s in licensors if any((s / n).is_file() for n in LICENSE_FILES)), None)
+    for name in LICENSE_FILES if licensed else ():
+        if (licensed / name).is_file():
+            shutil.copyfile(licensed / name, out / name)
+    stripped = {file.name: keys for file in sorted(out.glob("*.json"))
+                if (keys := strip_remote_code(file))}
     config = out / "config.json"
     if dtype is not None and config.exists():
         data = json.loads(config.read_text())
@@ -290,6 +295,7 @@ def copy_aux_files(sources: list[Path], out: Path, dtype: torch.dtype | None) ->
         keys = [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]
         data.update({k: name for k in keys})
         config.write_text(json.dumps(data, indent=2) + "\n")
+    return stripped
 
 
 def strip_remote_code(path: Path) -> list[str]:
@@ -447,7 +453,7 @@ def merge_models(req: MergeRequest, progress: Progress | None = None,
     with staged_output(req.out, req.overwrite) as tmp, _leave_a_core_for_io():
         if req.as_adapter:
             total = _write_adapter(ft, base, req.weight, tmp)
-            copy_aux_files([ft_dir], tmp, None)
+            stripped = copy_aux_files([ft_dir], tmp, None)
             files = [ADAPTER_WEIGHTS]
         else:
             writer = ShardedWriter(tmp, [job.spec for job in jobs], shard_bytes)
@@ -462,12 +468,13 @@ def merge_models(req: MergeRequest, progress: Progress | None = None,
                 files = writer.close()
             finally:
                 writer.abort()
-            copy_aux_files([ft_dir, base_dir] if adapter else [ft_dir], tmp, dtype)
+            stripped = copy_aux_files([ft_dir, base_dir] if adapter else [ft_dir], tmp, dtype,
+                                      licensors=[ft_dir, base_dir])
     return MergeResult(
         out=str(req.out), method=req.method, weight=req.weight, density=density,
         seed=req.seed if METHODS[req.method].seeded else None, adapter=adapter,
         as_adapter=req.as_adapter, tensors=len(jobs),
         merged_tensors=sum(_is_merged(job, ft) for job in jobs),
         vocab_grown=grown, files=files, bytes=total,
-        seconds=round(time.perf_counter() - started, 3))
+        seconds=round(time.perf_counter() - started, 3), stripped=stripped)
 

@@ -20,6 +20,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from bot.config import OPT_IN_TAG, EvaluateSettings, PolicySettings, SweepSettings
 from bot.merge.methods import METHODS
+from bot.publish.licenses import RULES
 from bot.publish.markdown import num, ours, shell_arg, tidy
 from bot.publish.templates import template
 
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
     from bot.evaluate.sweep import SweepPoint, SweepReport
 
 TAGS = ["safeguarded", "merge", "safeguard-bot"]
-METADATA_KEYS = ["base_model", "base_model_relation", "license", "library_name",
+METADATA_KEYS = ["base_model", "base_model_relation", "license", "license_name", "license_link",
+                 "library_name",
                  "pipeline_tag", "tags", "model-index"]
 SECTION_START = "<!-- safeguard-bot:start -->"
 SECTION_END = "<!-- safeguard-bot:end -->"
@@ -79,16 +81,21 @@ def _yaml(data: dict) -> str:
                      default_flow_style=False, width=2**31)
 
 
-def _license(license_id: str | None) -> str:
-    """The Hub license id to declare: the fine-tune's if it is a well-formed id, else other."""
+def _license(license_id: str | None) -> tuple[str, str | None]:
+    """The license to declare, as (Hub id, license_name): the fine-tune's if the Hub knows it,
+    ("other", its name) for a license of the bot's table the Hub lists by name (qwen), else
+    ("other", None)."""
     if not isinstance(license_id, str):
-        return "other"
+        return "other", None
     lowered = license_id.strip().lower()
-    return lowered if _LICENSE_ID.fullmatch(lowered) else "other"
+    if lowered in RULES and not RULES[lowered].hub_id:
+        return "other", lowered
+    return (lowered if _LICENSE_ID.fullmatch(lowered) else "other"), None
 
 
 def card_metadata(report: SweepReport, *, base_repo: str, finetune_repo: str,
-                  license_id: str | None, model_name: str) -> ModelCardData:
+                  license_id: str | None, model_name: str,
+                  license_link: str | None = None) -> ModelCardData:
     """The card's metadata: both parents, a merge, the license, tags and the model-index."""
     point = _selected(report)
     ev = report.settings.get("evaluate", {})
@@ -110,9 +117,11 @@ def card_metadata(report: SweepReport, *, base_repo: str, finetune_repo: str,
                    dataset_name=f"task: {report.task}", metric_type="task_score",
                    metric_name=f"task score, {report.task}", metric_value=point.task),
     ]
+    license_id, license_name = _license(license_id)
+    named = {"license_name": license_name, "license_link": license_link} if license_name else {}
     return ModelCardData(
         base_model=[base_repo, finetune_repo], base_model_relation="merge",
-        license=_license(license_id), library_name="transformers",
+        license=license_id, **named, library_name="transformers",
         pipeline_tag="text-generation", tags=list(TAGS), model_name=model_name,
         eval_results=results)
 
@@ -123,17 +132,21 @@ def card_metadata(report: SweepReport, *, base_repo: str, finetune_repo: str,
 def model_card(report: SweepReport, *, base_repo: str, base_revision: str, finetune_repo: str,
                finetune_revision: str, license_id: str | None, plot_file: str = "sweep.png",
                bot_version: str, model_name: str | None = None,
-               templates_dir: str | None = None) -> str:
+               templates_dir: str | None = None, license_files: list[str] = (),
+               stripped: dict[str, list[str]] | None = None) -> str:
     """The README.md of a published merge: Hub metadata, then the body from model_card.md.j2.
 
     Args:
         report: the sweep; its selection must publish a lambda.
         base_repo, base_revision, finetune_repo, finetune_revision: the parents, as merged.
-        license_id: the fine-tune's license id (None or malformed: "other").
+        license_id: the fine-tune's license id (None or malformed: "other"), or the key of
+            bot/publish/licenses.py's table (its notice is shown).
         plot_file: the sweep plot's path in the repo (relative, plain characters).
         bot_version: safeguard-bot's version, for provenance.
         model_name: the model-index name (default: the fine-tune's name + "-safeguarded").
         templates_dir: an operator's templates, before the bot's (setting publish.templates_dir).
+        license_files: the license files the repo carries (LICENSE, NOTICE, USE_POLICY.md).
+        stripped: keys removed from copied JSON files as remote code ({file: [keys]}).
 
     Returns:
         The card: YAML front matter and a Markdown body.
@@ -141,13 +154,17 @@ def model_card(report: SweepReport, *, base_repo: str, base_revision: str, finet
     if not _PLOT_FILE.fullmatch(plot_file) or ".." in plot_file.split("/"):
         raise ValueError(f"plot_file must be a plain relative path, not {plot_file!r}")
     model_name = model_name or finetune_repo.rsplit("/", 1)[-1] + "-safeguarded"
+    link = next((f for f in license_files if f.startswith("LICENSE")), None)
     data = card_metadata(report, base_repo=base_repo, finetune_repo=finetune_repo,
-                         license_id=license_id, model_name=model_name)
+                         license_id=license_id, model_name=model_name, license_link=link)
     context = _context(report, base_repo=base_repo, base_revision=base_revision,
                        finetune_repo=finetune_repo, finetune_revision=finetune_revision,
                        bot_version=bot_version)
     context.update(model_name=model_name, plot_file=ours(plot_file),
-                   license=data.license, declared_license=license_id)
+                   license=data.license_name or data.license, declared_license=license_id,
+                   license_files=list(license_files),
+                   license_notice=RULES[license_id].notice if license_id in RULES else "",
+                   stripped=sorted((stripped or {}).items()))
     body = tidy(template("model_card.md.j2", templates_dir).render(context))
     metadata = data.to_dict()
     metadata = {key: metadata.pop(key) for key in METADATA_KEYS if key in metadata} | metadata

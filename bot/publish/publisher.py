@@ -18,8 +18,10 @@ from typing import Literal
 from bot import __version__, hub, hub_calls
 from bot.config import Settings
 from bot.discovery import withheld
-from bot.errors import SafeguardError
+from bot.errors import GoneError, SafeguardError
+from bot.merge.compat import LICENSE_FILES
 from bot.publish import card as cards
+from bot.publish import licenses
 
 PLOT_FILE = "sweep.png"
 # what was done with a selected merge: a pull request on the fine-tune, a variant repo, only a
@@ -49,22 +51,26 @@ def revision_marker(revision: str) -> str:
 
 
 def publish(candidate, report, merged: Path | None, plot: Path | None,
-            settings: Settings) -> Publication:
-    """Publish the selected merge of `candidate` (a watch.Candidate) as config says."""
+            settings: Settings, stripped: dict[str, list[str]] | None = None) -> Publication:
+    """Publish the selected merge of `candidate` (a watch.Candidate) as config says;
+    `stripped`: what the merge removed from copied JSON files as remote code."""
     if not report.selection.publish or merged is None:
         return Publication("no-publish", report.selection.reason)
     action = candidate.action
-    license_id = (candidate.license or "").lower() or None
-    if action == "variant" and license_id not in settings.publish.variant_licenses:
-        return Publication("feed-only", f"license {license_id or 'unknown'} is not in "
-                                        "publish.variant_licenses, so no variant is published")
     if action == "feed-only":
         return Publication("feed-only", "not opted in; publish.unopted is feed-only")
+    license_key = None
+    if action == "variant":
+        card = hub.model_info(candidate.repo, candidate.revision).card_data or {}
+        license_key = licenses.license_key(card.get("license") or candidate.license,
+                                           card.get("license_name"))
+        refused = licenses.variant_refused(license_key, settings.publish.variant_licenses)
+        if refused:
+            return Publication("feed-only", f"{refused}, so no variant is published")
     refused = withheld(hub.model_info(candidate.repo), settings)  # its head, now
     if refused:
         return Publication("withheld", f"{refused} (since it was found); nothing published")
-    base_revision = _base_revision(candidate.base)
-    common = {"base_repo": candidate.base, "base_revision": base_revision,
+    common = {"base_repo": candidate.base, "base_revision": _base_revision(candidate.base),
               "finetune_repo": candidate.repo, "finetune_revision": candidate.revision,
               "bot_version": __version__, "templates_dir": settings.publish.templates_dir}
     files: dict[str, Path | bytes] = {p.name: p for p in sorted(merged.iterdir())
@@ -73,14 +79,49 @@ def publish(candidate, report, merged: Path | None, plot: Path | None,
         files[PLOT_FILE] = plot
     if action == "pull-request":
         return _pull_request(candidate, report, files, common, settings)
+    return _variant(candidate, report, files, common, settings, license_key, stripped or {})
+
+
+def _variant(candidate, report, files, common, settings, license_key: str,
+             stripped: dict[str, list[str]]) -> Publication:
+    """A -safeguarded repo of the bot's, named after the fine-tune and its owner, that carries
+    the license files the license asks for; never one the bot did not make from this source."""
+    missing = licenses.missing_files(license_key, list(files))
+    if missing:
+        return Publication("feed-only", f"license {license_key} needs {' and '.join(missing)} "
+                                        "beside the model, and neither the fine-tune nor the "
+                                        "base has it, so no variant is published")
     owner = settings.publish.variant_owner or hub.whoami()
-    repo = f"{owner}/{candidate.repo.split('/')[-1]}-safeguarded"
-    files["README.md"] = cards.model_card(report, license_id=candidate.license,
-                                          plot_file=PLOT_FILE, **common).encode()
+    repo = licenses.variant_name(owner, candidate.repo, license_key)
+    other = _made_from_another(repo, candidate.repo)
+    if other:
+        return Publication("feed-only", other)
+    files["README.md"] = cards.model_card(
+        report, license_id=license_key, plot_file=PLOT_FILE, model_name=repo.split("/")[1],
+        license_files=sorted(n for n in files if n in LICENSE_FILES), stripped=stripped,
+        **common).encode()
     url = hub.publish_repo(repo, files, f"safeguard-bot: {candidate.repo}"
                            f"{revision_marker(candidate.revision)} merged with its base")
     return Publication("variant", report.selection.reason,
                        {"variant": f"{hub.endpoint()}/{repo}", "commit": url})
+
+
+def _made_from_another(repo: str, source: str) -> str | None:
+    """Why the bot may not publish into `repo` (it exists, holds files, and its card is not the
+    bot's card for `source`), or None (new, empty, or the bot's variant of `source`)."""
+    try:
+        info = hub.model_info(repo)
+    except GoneError:
+        return None
+    if not [s for s in info.siblings or [] if s.rfilename != ".gitattributes"]:
+        return None
+    card = info.card_data or {}
+    parents = card.get("base_model") or []
+    parents = [parents] if isinstance(parents, str) else parents
+    if "safeguard-bot" in (card.get("tags") or []) and source in parents:
+        return None
+    return f"{repo} exists and was not made by safeguard-bot from {source}; nothing is " \
+        "overwritten, so no variant is published"
 
 
 def _existing_pull_request(repo: str, me: str, marker: str) -> Publication | None:

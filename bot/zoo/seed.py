@@ -101,6 +101,39 @@ def seed_decoys(api, zoo: Path, base: str, owner: str, big_bytes: int) -> dict[s
     return expected
 
 
+def seed_owners(api_for, zoo: Path, base: str, owner: str, other: str, lab: str
+                ) -> dict[str, str]:
+    """What owners' wishes and names decide: a private fine-tune in `lab` (an organisation the
+    bot belongs to, so it can read it), an opted-out one, `other`'s fine-tune with the same
+    name as `owner`'s zoo-ft-echo, and `other`'s fine-tune of a quantized copy of `base`.
+    `api_for(account)` is an HfApi with that account's token. Returns repo -> what the bot
+    must do with it."""
+    def put(repo: str, model: str, meta_base: str, tags=(), relation="finetune",
+            private=False, config: dict | None = None, account: str | None = None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / model
+            shutil.copytree(zoo / model, folder, ignore=shutil.ignore_patterns("README.md"))
+            if config:
+                path = folder / "config.json"
+                path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+            upload(api_for(account or repo.split("/")[0]), repo, folder,
+                   card(meta_base, ["fine-tune", *tags], title=repo.split("/")[1],
+                        relation=relation), private=private)
+
+    copy = f"{other}/zoo-base-it-bnb-4bit"  # people fine-tune from such copies
+    put(f"{lab}/zoo-ft-private", "zoo-ft-echo", base, private=True, account=owner)
+    put(f"{owner}/zoo-ft-opted-out", "zoo-ft-echo", base, tags=["safeguard-opt-out"])
+    put(f"{other}/zoo-ft-echo", "zoo-ft-echo", base)
+    put(copy, "zoo-base-it", base, relation="quantized",
+        config={"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
+    put(f"{other}/zoo-ft-flip-4bit", "zoo-ft-flip", copy)
+    return {f"{lab}/zoo-ft-private": "skipped: private",
+            f"{owner}/zoo-ft-opted-out": "skipped: opted out",
+            f"{other}/zoo-ft-echo": "a variant of its own, beside "
+                                    f"{owner}/zoo-ft-echo's",
+            f"{other}/zoo-ft-flip-4bit": f"a candidate of {base}, found through {copy}"}
+
+
 def _safetensors_blob(size: int) -> bytes:
     """A valid safetensors file holding one uint8 tensor of `size` bytes."""
     header = json.dumps({"filler": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]}})
