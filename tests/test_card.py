@@ -458,3 +458,13 @@ def test_an_operators_templates_come_first_and_the_defaults_fill_in(report, tmp_
     assert body.startswith("Our merge of eve/ft") and "<img" not in body  # escaped as ever
     assert table_rows(body)  # the default macros, from the bot's folder
     assert card_section(report, **CLEAN, templates_dir=str(own)) == card_section(report, **CLEAN)
+
+
+def test_the_front_matter_never_holds_an_anchor_or_alias():
+    """One object in two places is written twice: a Hub may refuse YAML aliases in a card."""
+    from bot.publish.card import _yaml
+
+    shared = ["org/base", "org/fine-tune"]
+    text = _yaml({"base_model": shared, "datasets": shared})
+    assert "&" not in text and "*" not in text
+    assert yaml.safe_load(text) == {"base_model": shared, "datasets": shared}

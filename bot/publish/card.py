@@ -48,7 +48,11 @@ _YAML_ESCAPED = frozenset("<>&{}[]`")
 
 class _CardDumper(yaml.SafeDumper):
     """SafeDumper that double-quotes any string other than plain printable ASCII without
-    markup characters, and writes everything but plain characters in it as escapes."""
+    markup characters, and writes everything but plain characters in it as escapes. It never
+    writes an anchor or alias (a Hub may refuse a card with one: the local hub does)."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
 
     def write_double_quoted(self, text: str, split: bool = True) -> None:
         self.write_indicator('"', True)
